@@ -1,0 +1,70 @@
+"""The ``drop-upcycling`` command.
+
+Each subcommand lives in the module that does the work and exposes two functions,
+``configure_parser(parser)`` and ``run(args) -> int``. Only the chosen subcommand's module is
+imported, so ``drop-upcycling --help`` stays fast and a broken optional dependency of one
+command does not break the others. Adding a command is one line in :data:`COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from .errors import UserError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "upcycle": ("drop_upcycling.upcycle", "turn a dense Llama checkpoint into a Mixtral MoE (FS, NU, RNU, DU, BTX)"),
+    "demo": ("drop_upcycling.demo", "make a tiny dense model and upcycle it by every method (a quick install check)"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="drop-upcycling",
+        description="Drop-Upcycling reproducibility suite.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n" + "\n".join(f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()),
+    )
+    parser.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND", help="see the list below")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = _top_parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        top.print_help()
+        return 0
+    verbose = "-v" in argv[:1] or "--verbose" in argv[:1]
+    if verbose:
+        argv = argv[1:]
+    if not argv or argv[0] not in COMMANDS:
+        top.parse_args(argv)  # prints the usage error and exits 2
+        return 2
+    name = argv[0]
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"drop-upcycling {name}", description=COMMANDS[name][1])
+    module.configure_parser(parser)
+    args = parser.parse_args(argv[1:])
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return int(module.run(args) or 0)
+    except UserError as e:
+        print(f"drop-upcycling {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"drop-upcycling {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

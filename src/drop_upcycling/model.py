@@ -1,0 +1,211 @@
+"""Llama (dense) and Mixtral (MoE) decoders in plain PyTorch, with HF parameter names.
+
+Reads top to bottom: RMSNorm, rotary embedding, grouped-query attention (SDPA, causal), the
+SwiGLU MLP, a decoder layer whose FFN is either the dense MLP (``mlp``) or the sparse MoE block
+(``block_sparse_moe``, see :mod:`drop_upcycling.moe`), the decoder and the LM head.
+
+Every parameter has the name of its ``LlamaForCausalLM`` / ``MixtralForCausalLM`` counterpart,
+except that the experts of a layer are stacked into ``experts.w1|w2|w3`` tensors for grouped
+compute; :mod:`drop_upcycling.checkpoint` maps them to HF's per-expert tensors on disk.
+
+Random initialization is keyed: every tensor's values come from a generator seeded by (seed,
+tensor name), so a model is the same whatever order or device layout it is built in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configs import ModelConfig
+from .moe import Dispatcher, SparseMoeBlock, load_balancing_loss, router_z_loss
+
+
+def keyed_generator(seed: int, *key: object) -> torch.Generator:
+    """A CPU generator whose stream depends only on (seed, key): order- and layout-independent draws."""
+    digest = hashlib.blake2b(repr((int(seed), *key)).encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32 and cast back before the scale, as HF Llama does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotary_cos_sin(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [S, head_dim] in fp32 for HF's rotate-half RoPE convention."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(x_BHSd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x_BHSd.shape[-1] // 2
+    rotated = torch.cat((-x_BHSd[..., half:], x_BHSd[..., :half]), dim=-1)
+    return (x_BHSd * cos + rotated * sin).to(x_BHSd.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x_BSD.shape
+        q = self.q_proj(x_BSD).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x_BSD).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x_BSD).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, num_local_experts: int | None, expert_offset: int,
+                 dispatcher: Dispatcher | None) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.is_moe:
+            self.block_sparse_moe = SparseMoeBlock(
+                cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
+                num_local=num_local_experts, expert_offset=expert_offset, dispatcher=dispatcher,
+            )
+        else:
+            self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        h = self.post_attention_layernorm(x)
+        if hasattr(self, "block_sparse_moe"):
+            y, routing = self.block_sparse_moe(h)
+            return x + y, routing
+        return x + self.mlp(h), None
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, num_local_experts: int | None, expert_offset: int,
+                 dispatcher: Dispatcher | None) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, num_local_experts, expert_offset, dispatcher) for _ in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None  # what is optimized: lm_loss + coef * aux_loss (+ z-loss)
+    lm_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+    router_logits: list[torch.Tensor] = field(default_factory=list)  # per layer, [T, E]
+    expert_ids: list[torch.Tensor] = field(default_factory=list)  # per layer, [T, K] (on request)
+
+
+class CausalLM(nn.Module):
+    """``LlamaForCausalLM`` when ``cfg.num_experts == 0``, else ``MixtralForCausalLM``.
+
+    ``num_local_experts``/``expert_offset`` hold a slice of the experts (expert parallelism);
+    ``dispatcher`` replaces the single-device token grouping.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_local_experts: int | None = None, expert_offset: int = 0,
+                 dispatcher: Dispatcher | None = None) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg, num_local_experts, expert_offset, dispatcher)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                return_expert_ids: bool = False) -> CausalLMOutput:
+        """``labels`` follow HF: same shape as ``input_ids``, shifted inside, -100 ignored."""
+        cfg = self.config
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rotary_cos_sin(input_ids.shape[1], cfg.head_dim, cfg.rope_theta, input_ids.device)
+        router_logits, expert_ids = [], []
+        for layer in self.model.layers:
+            x, routing = layer(x, cos, sin)
+            if routing is not None:
+                router_logits.append(routing.logits_TE)
+                if return_expert_ids:
+                    expert_ids.append(routing.ids_TK)
+        logits = self.lm_head(self.model.norm(x))
+        out = CausalLMOutput(logits=logits, router_logits=router_logits, expert_ids=expert_ids)
+        if labels is None:
+            return out
+        out.lm_loss = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+        )
+        out.loss = out.lm_loss
+        if router_logits:
+            out.aux_loss = load_balancing_loss(router_logits, cfg.num_experts, cfg.num_experts_per_tok, cfg.aux_loss_mode)
+            out.loss = out.loss + cfg.router_aux_loss_coef * out.aux_loss
+            if cfg.router_z_loss_coef > 0:
+                out.z_loss = router_z_loss(router_logits)
+                out.loss = out.loss + cfg.router_z_loss_coef * out.z_loss
+        return out
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """HF's default init (normal(0, initializer_range), norms at 1), keyed per tensor name."""
+        for name, param in self.named_parameters():
+            param.copy_(init_tensor(name, tuple(param.shape), self.config, seed, param.dtype,
+                                    expert_offset=_expert_offset_of(self, name)))
+
+
+def _expert_offset_of(model: CausalLM, name: str) -> int:
+    if ".experts." not in name:
+        return 0
+    layer = int(name.split(".")[2])
+    return model.model.layers[layer].block_sparse_moe.experts.expert_offset
+
+
+def init_tensor(name: str, shape: tuple[int, ...], cfg: ModelConfig, seed: int,
+                dtype: torch.dtype = torch.float32, expert_offset: int = 0) -> torch.Tensor:
+    """The from-scratch value of one parameter. Stacked expert tensors draw per global expert id so
+    that a model split over expert-parallel ranks equals the unsplit one."""
+    if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+        return torch.ones(shape, dtype=dtype)
+    std = cfg.initializer_range
+    if ".experts.w" in name:
+        parts = [
+            torch.empty(shape[1:]).normal_(0.0, std, generator=keyed_generator(seed, name, expert_offset + e))
+            for e in range(shape[0])
+        ]
+        return torch.stack(parts).to(dtype)
+    return torch.empty(shape).normal_(0.0, std, generator=keyed_generator(seed, name)).to(dtype)

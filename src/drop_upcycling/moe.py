@@ -1,0 +1,187 @@
+"""The Mixtral MoE layer: router, token dispatch, grouped experts and the auxiliary losses.
+
+Split the torchtitan way so that expert parallelism is a different dispatcher, not a different MoE:
+
+- :func:`route`: router logits -> top-k expert ids and renormalized weights (HF Mixtral semantics:
+  softmax in fp32 over all E experts, top-k, renormalize the k weights to sum to 1).
+- a *dispatcher* groups the token copies by expert and later scatters expert outputs back:
+  :class:`LocalDispatcher` on one device; the expert-parallel all-to-all dispatcher implements the
+  same two methods and exchanges the grouped tokens between "group by expert" and "run experts".
+- :class:`GroupedExperts`: the SwiGLU math on tokens that are already grouped by expert, given
+  tokens-per-expert counts. ``_expert_ffn`` is the one seam for a faster grouped kernel.
+
+Dropless: every token copy is computed, no capacity factor.
+
+Shape legend: T tokens, D hidden, F expert FFN width, E experts (global), L local experts,
+K top-k, A = T*K token copies (assignments), G grouped assignments received by local experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Routing:
+    """What the router decided for each token."""
+
+    logits_TE: torch.Tensor  # raw router logits (aux losses need them)
+    weights_TK: torch.Tensor  # renormalized top-k weights, in the activation dtype
+    ids_TK: torch.Tensor  # expert ids, int64
+
+
+def route(logits_TE: torch.Tensor, top_k: int, dtype: torch.dtype) -> Routing:
+    """softmax -> top-k -> renormalize, exactly as ``transformers`` Mixtral does it (fp32 softmax)."""
+    probs_TE = F.softmax(logits_TE, dim=-1, dtype=torch.float32)
+    weights_TK, ids_TK = torch.topk(probs_TE, top_k, dim=-1)
+    weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+    return Routing(logits_TE=logits_TE, weights_TK=weights_TK.to(dtype), ids_TK=ids_TK)
+
+
+class Dispatcher(Protocol):
+    """Groups token copies by expert for :class:`GroupedExperts` and brings the outputs back."""
+
+    def dispatch(self, x_TD: torch.Tensor, ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object]:
+        """Return (x_GD grouped by local expert, counts_L per local expert, context for combine)."""
+        ...
+
+    def combine(self, y_GD: torch.Tensor, weights_TK: torch.Tensor, ctx: object) -> torch.Tensor:
+        """Weight each expert output by its routing weight and sum the k copies of every token."""
+        ...
+
+
+@dataclass
+class _LocalContext:
+    order_A: torch.Tensor  # position in the flattened (token, k) list of each grouped row
+    num_tokens: int
+
+
+class LocalDispatcher:
+    """All experts on this device: a stable sort of the T*K token copies by expert id."""
+
+    def __init__(self, num_experts: int) -> None:
+        self.num_experts = num_experts
+
+    def group(self, ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(order_A, counts_E): the permutation that groups the flattened copies by expert, and the counts."""
+        ids_A = ids_TK.reshape(-1)
+        order_A = torch.argsort(ids_A, stable=True)
+        counts_E = torch.bincount(ids_A, minlength=self.num_experts)
+        return order_A, counts_E
+
+    def dispatch(self, x_TD: torch.Tensor, ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, _LocalContext]:
+        top_k = ids_TK.shape[-1]
+        order_A, counts_E = self.group(ids_TK)
+        x_AD = x_TD[order_A // top_k]
+        return x_AD, counts_E, _LocalContext(order_A=order_A, num_tokens=x_TD.shape[0])
+
+    def combine(self, y_AD: torch.Tensor, weights_TK: torch.Tensor, ctx: _LocalContext) -> torch.Tensor:
+        return scatter_weighted(y_AD, weights_TK, ctx.order_A, ctx.num_tokens)
+
+
+def scatter_weighted(y_AD: torch.Tensor, weights_TK: torch.Tensor, order_A: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Inverse of the grouping: out[t] = sum_k w[t, k] * y[copy (t, k)]."""
+    top_k = weights_TK.shape[-1]
+    w_A = weights_TK.reshape(-1)[order_A].unsqueeze(-1)
+    out_TD = y_AD.new_zeros(num_tokens, y_AD.shape[-1])
+    return out_TD.index_add(0, order_A // top_k, y_AD * w_A)
+
+
+class GroupedExperts(nn.Module):
+    """``num_local`` SwiGLU experts stored as stacked tensors (HF layout per expert).
+
+    ``w1``/``w3``: [L, F, D] (rows are FFN neurons, like ``gate_proj``/``up_proj``); ``w2``: [L, D, F]
+    (like ``down_proj``). Checkpoints store them per expert under HF Mixtral names; the one mapping
+    lives in :mod:`drop_upcycling.checkpoint`. ``expert_offset`` is the global id of local expert 0
+    (non-zero only under expert parallelism).
+    """
+
+    def __init__(self, num_local: int, dim: int, ffn_dim: int, expert_offset: int = 0) -> None:
+        super().__init__()
+        self.num_local = num_local
+        self.expert_offset = expert_offset
+        self.w1 = nn.Parameter(torch.empty(num_local, ffn_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(num_local, dim, ffn_dim))
+        self.w3 = nn.Parameter(torch.empty(num_local, ffn_dim, dim))
+
+    def forward(self, x_GD: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
+        return self._expert_ffn(x_GD, counts_L.tolist())
+
+    def _expert_ffn(self, x_GD: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """The seam for a grouped-GEMM kernel: here one matmul chain per expert (E iterations, not T)."""
+        outputs = []
+        for e, x_nD in enumerate(torch.split(x_GD, counts)):
+            # An expert with no tokens still runs on an empty [0, D] slice: it stays in the autograd
+            # graph and gets a zero gradient, so gradient reduction never meets a missing grad.
+            h_nF = F.silu(x_nD @ self.w1[e].T) * (x_nD @ self.w3[e].T)
+            outputs.append(h_nF @ self.w2[e].T)
+        return torch.cat(outputs) if outputs else x_GD.new_zeros(0, x_GD.shape[-1])
+
+
+class SparseMoeBlock(nn.Module):
+    """Router + dispatcher + experts. Attribute names follow HF: ``gate`` is the router."""
+
+    def __init__(
+        self,
+        dim: int,
+        ffn_dim: int,
+        num_experts: int,
+        top_k: int,
+        num_local: int | None = None,
+        expert_offset: int = 0,
+        dispatcher: Dispatcher | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.experts = GroupedExperts(num_local or num_experts, dim, ffn_dim, expert_offset)
+        self.dispatcher: Dispatcher = dispatcher or LocalDispatcher(num_experts)
+
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        shape = x_BSD.shape
+        x_TD = x_BSD.reshape(-1, shape[-1])
+        routing = route(self.gate(x_TD), self.top_k, x_TD.dtype)
+        x_GD, counts_L, ctx = self.dispatcher.dispatch(x_TD, routing.ids_TK)
+        y_GD = self.experts(x_GD, counts_L)
+        y_TD = self.dispatcher.combine(y_GD, routing.weights_TK, ctx)
+        return y_TD.reshape(shape), routing
+
+
+# ---------------------------------------------------------------------------- auxiliary losses
+def load_balancing_loss(
+    logits_per_layer: list[torch.Tensor], num_experts: int, top_k: int, mode: str = "global"
+) -> torch.Tensor:
+    """Switch-style balance loss ``E * sum_e f_e * P_e`` as HF Mixtral computes it.
+
+    ``global`` (the paper's setting, HF's ``load_balancing_loss_func``): the router logits of all
+    layers are concatenated and one term is computed; f is counted per top-k slot, so a perfectly
+    balanced router scores ``top_k``. ``per_layer``: the same term per layer, averaged.
+    """
+    if not logits_per_layer:
+        raise ValueError("no router logits")
+    fractions, probs = [], []
+    for logits_TE in logits_per_layer:
+        probs_TE = F.softmax(logits_TE, dim=-1, dtype=torch.float32)
+        _, ids_TK = torch.topk(probs_TE, top_k, dim=-1)
+        mask_TKE = F.one_hot(ids_TK, num_experts).float()
+        fractions.append(mask_TKE.mean(dim=0))  # [K, E]
+        probs.append(probs_TE.mean(dim=0))  # [E]
+    if mode == "global":
+        # Mean over all layers' tokens == mean of per-layer means (every layer sees the same tokens).
+        f_KE = torch.stack(fractions).mean(dim=0)
+        p_E = torch.stack(probs).mean(dim=0)
+        return num_experts * (f_KE * p_E).sum()
+    if mode == "per_layer":
+        return torch.stack([num_experts * (f * p).sum() for f, p in zip(fractions, probs, strict=True)]).mean()
+    raise ValueError(f"unknown aux loss mode {mode!r}")
+
+
+def router_z_loss(logits_per_layer: list[torch.Tensor]) -> torch.Tensor:
+    """ST-MoE z-loss: mean over tokens of logsumexp(logits)^2, averaged over layers."""
+    return torch.stack([torch.logsumexp(lg.float(), dim=-1).square().mean() for lg in logits_per_layer]).mean()

@@ -18,6 +18,9 @@ from .errors import UserError
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "upcycle": ("drop_upcycling.upcycle", "turn a dense Llama checkpoint into a Mixtral MoE (FS, NU, RNU, DU, BTX)"),
+    "routing": ("drop_upcycling.routing", "count top-k expert choices per domain of a MoE checkpoint (CSV)"),
+    "analyze": ("drop_upcycling.analyze", "analyses of finished artifacts: analyze routing (Figure 5, metrics)"),
+    "flops": ("drop_upcycling.flops", "parameters and training FLOPs per model; the paper's FLOPs table"),
     "demo": ("drop_upcycling.demo", "make a tiny dense model and upcycle it by every method (a quick install check)"),
 }
 

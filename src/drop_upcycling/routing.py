@@ -1,0 +1,388 @@
+"""Routing specialization: count top-k expert choices per domain, measure them, draw Figure 5.
+
+Two halves that meet in one CSV format, the columns of the authors' released counts
+(``model, domain, layer, expert, assignments, distinct_tokens``):
+
+- counting (:func:`count_routing`, ``drop-upcycling routing CKPT``): feed each domain's text
+  through a MoE checkpoint in fixed-length chunks and count, per layer and expert, how many top-k
+  slots chose the expert (``assignments``) and how many different vocabulary ids it saw
+  (``distinct_tokens``);
+- analysis (:func:`routing_metrics`, :func:`plot_routing`, ``drop-upcycling analyze routing``):
+  per (model, layer) the entropy of the expert distribution, the experts nobody uses, how much the
+  domains disagree (specialization) and each domain's favourite expert; and the paper's Figure 5.
+
+An expert's *share* is its assignments divided by all assignments of that (model, domain, layer),
+so the shares of a layer sum to 1 and uniform routing gives 1/E to every expert.
+
+Shape legend: T tokens, K top-k, E experts, L layers, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+COUNT_COLUMNS = ["model", "domain", "layer", "expert", "assignments", "distinct_tokens"]
+DEFAULT_UNUSED_THRESHOLD = 0.02  # "almost unused": under 2% of a layer's assignments in every domain
+DEFAULT_CHUNK = 2048  # tokens per forward pass, as in the paper's analysis (FACTS.md §6)
+
+
+# ============================================================================ reading counts
+def read_counts(paths: str | Path | Sequence[str | Path]) -> pd.DataFrame:
+    """Concatenate count CSVs, checking columns, types and that every (model, domain, layer) is complete.
+
+    A malformed file is a :class:`UserError` naming the file and the problem.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    if not paths:
+        raise UserError("no counts CSV given")
+    frames = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise UserError(f"counts file {path} does not exist")
+        try:
+            df = pd.read_csv(path)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+            raise UserError(f"{path} is not a readable CSV: {e}") from None
+        missing = [c for c in COUNT_COLUMNS if c not in df.columns]
+        if missing:
+            raise UserError(f"{path} lacks column(s) {', '.join(missing)} (expected {', '.join(COUNT_COLUMNS)})")
+        frames.append(_validate(df[COUNT_COLUMNS].copy(), path))
+    counts = pd.concat(frames, ignore_index=True)
+    dup = counts.duplicated(["model", "domain", "layer", "expert"])
+    if dup.any():
+        row = counts[dup].iloc[0]
+        raise UserError(f"duplicate counts for model {row.model}, domain {row.domain}, layer {row.layer}, "
+                        f"expert {row.expert} (the same model in two files?)")
+    return counts
+
+
+def _validate(df: pd.DataFrame, path: Path) -> pd.DataFrame:
+    if df.empty:
+        raise UserError(f"{path} has no rows")
+    df["model"] = df["model"].astype(str)
+    df["domain"] = df["domain"].astype(str)
+    for col in ("layer", "expert", "assignments", "distinct_tokens"):
+        values = pd.to_numeric(df[col], errors="coerce")
+        if values.isna().any() or (values < 0).any() or (values % 1 != 0).any():
+            raise UserError(f"{path}: column {col} must hold non-negative integers")
+        df[col] = values.astype(np.int64)
+    experts = df.groupby(["model", "domain", "layer"])["expert"].agg(["nunique", "max", "count"])
+    n_exp = experts["max"] + 1
+    bad = experts[(experts["nunique"] != n_exp) | (experts["count"] != n_exp)]
+    if not bad.empty:
+        m, d, layer = bad.index[0]
+        raise UserError(f"{path}: model {m}, domain {d}, layer {layer} does not list experts 0..E-1 exactly once")
+    totals = df.groupby(["model", "domain", "layer"])["assignments"].sum()
+    if (totals == 0).any():
+        m, d, layer = totals[totals == 0].index[0]
+        raise UserError(f"{path}: model {m}, domain {d}, layer {layer} has no assignments")
+    return df
+
+
+def with_shares(counts: pd.DataFrame) -> pd.DataFrame:
+    """Add ``share``: assignments / all assignments of the same (model, domain, layer)."""
+    out = counts.copy()
+    out["share"] = out["assignments"] / out.groupby(["model", "domain", "layer"])["assignments"].transform("sum")
+    return out
+
+
+def share_matrix(counts: pd.DataFrame, model: str, layer: int) -> pd.DataFrame:
+    """[domain x expert] shares of one model and layer, domains in the paper's order."""
+    from .plotstyle import order_domains
+
+    sub = with_shares(counts[(counts["model"] == model) & (counts["layer"] == layer)])
+    if sub.empty:
+        raise UserError(f"no counts for model {model} layer {layer}")
+    mat = sub.pivot(index="domain", columns="expert", values="share")
+    return mat.loc[order_domains(mat.index)]
+
+
+# ============================================================================ metrics
+def entropy_bits(p: np.ndarray) -> float:
+    """Shannon entropy in bits of a distribution (0 log 0 = 0); log2(E) for uniform routing."""
+    p = np.asarray(p, dtype=np.float64)
+    p = p[p > 0]
+    return float(-(p * np.log2(p)).sum())
+
+
+def layer_metrics(shares_DE: pd.DataFrame, unused_threshold: float = DEFAULT_UNUSED_THRESHOLD) -> dict:
+    """Metrics of one (model, layer) from its [domain x expert] share matrix.
+
+    - ``entropy``: bits, of the expert distribution pooled over domains (equal weight per domain);
+      ``log2(E)`` is perfectly balanced, ``log2(K)`` is every token sent to the same K experts.
+    - ``mean_domain_entropy``: the per-domain entropies averaged (low when each domain is concentrated).
+    - ``unused_experts``: experts whose share is below ``unused_threshold`` in every domain.
+    - ``specialization``: mean over domain pairs of the L1 distance between their distributions
+      (0 = all domains routed alike, 2 = disjoint experts).
+    - ``top_expert_<domain>``: each domain's most chosen expert.
+    """
+    mat = shares_DE.to_numpy(dtype=np.float64)
+    pooled = mat.mean(axis=0)
+    pairs = list(itertools.combinations(range(mat.shape[0]), 2))
+    spec = float(np.mean([np.abs(mat[i] - mat[j]).sum() for i, j in pairs])) if pairs else 0.0
+    row = {
+        "entropy": entropy_bits(pooled),
+        "mean_domain_entropy": float(np.mean([entropy_bits(r) for r in mat])),
+        "unused_experts": int((mat < unused_threshold).all(axis=0).sum()),
+        "specialization": spec,
+    }
+    experts = shares_DE.columns.to_numpy()
+    for domain, r in zip(shares_DE.index, mat, strict=True):
+        row[f"top_expert_{domain}"] = int(experts[int(np.argmax(r))])
+    return row
+
+
+def routing_metrics(counts: pd.DataFrame, unused_threshold: float = DEFAULT_UNUSED_THRESHOLD) -> pd.DataFrame:
+    """One row per (model, layer): ``model, layer, num_experts, entropy, mean_domain_entropy,
+    unused_experts, specialization, top_expert_<domain>...`` (see :func:`layer_metrics`)."""
+    rows = []
+    for (model, layer), _ in counts.groupby(["model", "layer"], sort=True):
+        mat = share_matrix(counts, model, layer)
+        rows.append({"model": model, "layer": int(layer), "num_experts": mat.shape[1],
+                     **layer_metrics(mat, unused_threshold)})
+    return pd.DataFrame(rows)
+
+
+def top_k_experts(shares_E: pd.Series | np.ndarray, k: int) -> tuple[int, ...]:
+    """The ``k`` experts with the largest share, sorted by id."""
+    arr = np.asarray(shares_E, dtype=np.float64)
+    return tuple(sorted(int(i) for i in np.argsort(-arr, kind="stable")[:k]))
+
+
+def shared_top_k(counts: pd.DataFrame, model: str, k: int = 2) -> pd.DataFrame:
+    """Per layer: do all domains have the same top-``k`` experts, and which share they take.
+
+    Columns ``layer, same_top_k, experts`` (the common set, or the distinct sets joined by ``|``) and
+    ``min_top_k_share`` (the smallest, over domains, of the top-k experts' total share): the paper's
+    "every domain goes to the same 2 experts" is ``same_top_k`` with a large ``min_top_k_share``.
+    """
+    rows = []
+    for layer in sorted(counts.loc[counts["model"] == model, "layer"].unique()):
+        mat = share_matrix(counts, model, layer)
+        sets = {d: top_k_experts(mat.loc[d], k) for d in mat.index}
+        distinct = sorted(set(sets.values()))
+        share = min(float(mat.loc[d, list(s)].sum()) for d, s in sets.items())
+        rows.append({"layer": int(layer), "same_top_k": len(distinct) == 1,
+                     "experts": "|".join(",".join(map(str, s)) for s in distinct), "min_top_k_share": share})
+    return pd.DataFrame(rows)
+
+
+# ============================================================================ figure
+def default_layers(num_layers: int) -> list[int]:
+    """The paper's rows for 24 layers (0, 8, 16, 23); the same spacing for other depths."""
+    if num_layers <= 4:
+        return list(range(num_layers))
+    return sorted({0, num_layers // 3, 2 * num_layers // 3, num_layers - 1})
+
+
+def plot_routing(counts: pd.DataFrame, layers: Sequence[int] | None = None,
+                 models: Sequence[str] | None = None):
+    """Figure 5: rows = layers, columns = models, grouped bars (one per domain) for every expert.
+
+    The y axis is the expert's share of the layer's top-k assignments in percent; the dashed line
+    is uniform routing (100/E %). Returns the matplotlib figure (save it with
+    :func:`drop_upcycling.plotstyle.save_figure`).
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    from .plotstyle import apply_style, domain_style, method_label, order_domains
+
+    apply_style()
+    models = list(models) if models is not None else _model_order(counts["model"].unique())
+    unknown = sorted(set(models) - set(counts["model"]))
+    if unknown:
+        raise UserError(f"no counts for model(s) {', '.join(unknown)}")
+    num_layers = int(counts["layer"].max()) + 1
+    layers = list(layers) if layers is not None else default_layers(num_layers)
+    missing = sorted(set(layers) - set(counts["layer"].unique()))
+    if missing:
+        raise UserError(f"no counts for layer(s) {', '.join(map(str, missing))} (counts have 0..{num_layers - 1})")
+    domains = order_domains(counts["domain"].unique())
+    n_rows, n_cols = len(layers), len(models)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.6 * n_cols + 0.6, 2.5 * n_rows + 1.2),
+                             sharey=True, squeeze=False)
+    ymax = 0.0
+    for c, model in enumerate(models):
+        for r, layer in enumerate(layers):
+            ax = axes[r][c]
+            mat = share_matrix(counts, model, layer).reindex(domains)
+            n_exp = mat.shape[1]
+            width = 0.8 / len(domains)
+            x = np.arange(n_exp)
+            for i, domain in enumerate(domains):
+                st = domain_style(domain, i)
+                ax.bar(x - 0.4 + width * (i + 0.5), 100 * mat.loc[domain].fillna(0).to_numpy(), width,
+                       color=st.color, edgecolor="white", linewidth=0.3)
+            ax.axhline(100 / n_exp, color="black", linestyle="--", linewidth=1)
+            ymax = max(ymax, 100 * float(np.nanmax(mat.to_numpy())))
+            ax.set_xticks(x)
+            ax.set_xlim(-0.6, n_exp - 0.4)
+            ax.grid(axis="x", visible=False)
+            if r == 0:
+                ax.set_title(method_label(model), fontsize=11)
+            if r == n_rows - 1:
+                ax.set_xlabel("expert")
+            if c == 0:
+                ax.set_ylabel(f"layer {layer}\nshare of assignments (%)")
+    axes[0][0].set_ylim(0, max(ymax * 1.08, 100 / 8 * 1.5))
+    handles = [Patch(color=domain_style(d, i).color, label=domain_style(d, i).label) for i, d in enumerate(domains)]
+    handles.append(Line2D([], [], color="black", linestyle="--", label="uniform routing (1/E)"))
+    fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 6), frameon=False,
+               bbox_to_anchor=(0.5, 1.0))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (2.5 * n_rows + 1.2)))
+    return fig
+
+
+def _model_order(models: Iterable[str]) -> list[str]:
+    """FS, NU, RNU, DU, ... (the paper's column order), then anything else alphabetically."""
+    from .plotstyle import method_key
+
+    rank = {k: i for i, k in enumerate(["FS", "NU", "RNU-0.5", "BTX", "DU-0.5", "DU-1.0", "dense"])}
+    return sorted(models, key=lambda m: (rank.get(method_key(m), len(rank)), m))
+
+
+def analyze_routing(counts_paths: Sequence[str | Path], out_dir: str | Path, layers: Sequence[int] | None = None,
+                    models: Sequence[str] | None = None, formats: str | Sequence[str] | None = None,
+                    unused_threshold: float = DEFAULT_UNUSED_THRESHOLD) -> dict[str, list[Path]]:
+    """Read counts, write ``routing_metrics.csv`` and the Figure-5 image(s) into ``out_dir``."""
+    from .plotstyle import save_figure
+
+    counts = read_counts(counts_paths)
+    metrics = routing_metrics(counts, unused_threshold)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = _write_csv_atomic(metrics, out_dir / "routing_metrics.csv")
+    figures = save_figure(plot_routing(counts, layers, models), out_dir, "routing_fig5", formats)
+    return {"metrics": [metrics_path], "figures": figures}
+
+
+def _write_csv_atomic(df: pd.DataFrame, path: Path, float_format: str | None = "%.6g") -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    df.to_csv(tmp, index=False, float_format=float_format)
+    tmp.replace(path)
+    return path
+
+
+def format_summary(metrics: pd.DataFrame) -> str:
+    """A short human-readable table: per model, mean specialization and unused experts per layer."""
+    lines = [f"{'model':<24} {'layers':>6} {'entropy(bits)':>13} {'specialization':>14} {'unused experts by layer'}"]
+    for model, g in metrics.groupby("model", sort=False):
+        lines.append(f"{model:<24} {len(g):>6} {g['entropy'].mean():>13.2f} {g['specialization'].mean():>14.3f} "
+                     f"{' '.join(map(str, g.sort_values('layer')['unused_experts']))}")
+    return "\n".join(lines)
+
+
+# ============================================================================ CLI: analyze routing
+def configure_analyze_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--counts", nargs="+", required=True, metavar="CSV",
+                        help=f"count files with columns {', '.join(COUNT_COLUMNS)}")
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--layers", type=int, nargs="+", help="layers to draw (default: first, 1/3, 2/3, last)")
+    parser.add_argument("--models", nargs="+", help="models to draw, in column order (default: all)")
+    parser.add_argument("--formats", default="png", help="figure formats, comma-separated: png, svg, pdf")
+    parser.add_argument("--unused-threshold", type=float, default=DEFAULT_UNUSED_THRESHOLD,
+                        help="an expert is unused when its share is below this in every domain (default 0.02)")
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    if not 0 < args.unused_threshold < 1:
+        raise UserError(f"--unused-threshold must be in (0, 1), got {args.unused_threshold}")
+    paths = analyze_routing(args.counts, args.out, args.layers, args.models, args.formats, args.unused_threshold)
+    print(format_summary(pd.read_csv(paths["metrics"][0])))
+    for p in paths["metrics"] + paths["figures"]:
+        print(f"wrote {p}")
+    return 0
+
+
+# ============================================================================ counting
+class RoutingCounter:
+    """Accumulates top-k assignment counts and the distinct token ids each expert saw, per layer."""
+
+    def __init__(self, num_layers: int, num_experts: int, vocab_size: int) -> None:
+        import torch
+
+        self.num_layers, self.num_experts, self.vocab_size = num_layers, num_experts, vocab_size
+        self.assignments_LE = torch.zeros(num_layers, num_experts, dtype=torch.int64)
+        self.seen_LEV = torch.zeros(num_layers, num_experts, vocab_size, dtype=torch.bool)
+        self.tokens = 0
+
+    def update(self, input_ids, expert_ids_per_layer) -> None:
+        """``input_ids`` [B, S] (or [T]); ``expert_ids_per_layer``: L tensors [T, K], T = B*S in the same order."""
+        import torch
+
+        if len(expert_ids_per_layer) != self.num_layers:
+            raise ValueError(f"expected {self.num_layers} layers of expert ids, got {len(expert_ids_per_layer)}")
+        tok_T = input_ids.reshape(-1).cpu()
+        self.tokens += tok_T.numel()
+        for layer, ids_TK in enumerate(expert_ids_per_layer):
+            ids_TK = ids_TK.cpu()
+            if ids_TK.shape[0] != tok_T.numel():
+                raise ValueError(f"layer {layer}: {ids_TK.shape[0]} routed tokens for {tok_T.numel()} inputs")
+            self.assignments_LE[layer] += torch.bincount(ids_TK.reshape(-1), minlength=self.num_experts)
+            for k in range(ids_TK.shape[1]):
+                self.seen_LEV[layer].index_put_((ids_TK[:, k], tok_T), torch.tensor(True))
+
+    def rows(self, model: str, domain: str) -> list[dict]:
+        distinct_LE = self.seen_LEV.sum(dim=-1)
+        return [
+            {"model": model, "domain": domain, "layer": layer, "expert": e,
+             "assignments": int(self.assignments_LE[layer, e]), "distinct_tokens": int(distinct_LE[layer, e])}
+            for layer in range(self.num_layers) for e in range(self.num_experts)
+        ]
+
+
+def count_routing(model, chunks: Iterable, model_name: str, domain: str, batch_size: int = 1,
+                  progress: bool = False) -> pd.DataFrame:
+    """Count one domain: ``chunks`` yields 1-D token-id tensors (one forward pass each, batched when
+    consecutive chunks have the same length). Returns rows with :data:`COUNT_COLUMNS`."""
+    import torch
+
+    cfg = model.config
+    if not cfg.is_moe:
+        raise UserError(f"{model_name} is a dense model: routing counts need a MoE checkpoint")
+    counter = RoutingCounter(cfg.num_hidden_layers, cfg.num_experts, cfg.vocab_size)
+    device = next(model.parameters()).device
+    bar = _progress(progress, desc=f"{model_name} {domain}", unit="tok")
+    with torch.inference_mode():
+        for batch in _batches(chunks, batch_size):
+            ids_BS = torch.stack(batch).to(device)
+            if int(ids_BS.max()) >= cfg.vocab_size or int(ids_BS.min()) < 0:
+                raise UserError(f"token id out of range for vocab size {cfg.vocab_size}: wrong tokenizer?")
+            out = model(ids_BS, return_expert_ids=True)
+            counter.update(ids_BS, out.expert_ids)
+            bar.update(ids_BS.numel())
+    bar.close()
+    if counter.tokens == 0:
+        raise UserError(f"domain {domain} gave no tokens")
+    return pd.DataFrame(counter.rows(model_name, domain), columns=COUNT_COLUMNS)
+
+
+def _batches(chunks: Iterable, batch_size: int) -> Iterator[list]:
+    batch: list = []
+    for chunk in chunks:
+        if batch and (len(batch) == batch_size or chunk.shape[0] != batch[0].shape[0]):
+            yield batch
+            batch = []
+        batch.append(chunk.reshape(-1).long())
+    if batch:
+        yield batch
+
+
+def _progress(enabled: bool, **kwargs):
+    from tqdm.auto import tqdm
+
+    return tqdm(disable=not enabled, **kwargs)

@@ -1,0 +1,178 @@
+"""Routing analysis: FACTS.md §6 from the authors' released counts, metrics by hand, the CLI, and
+counting from a checkpoint against an independent computation."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from drop_upcycling.cli import main
+from drop_upcycling.errors import UserError
+from drop_upcycling.plotstyle import method_key, method_label, method_style, parse_formats
+from drop_upcycling.routing import (
+    COUNT_COLUMNS,
+    layer_metrics,
+    read_counts,
+    routing_metrics,
+    shared_top_k,
+)
+
+RELEASED = Path(__file__).resolve().parents[2] / "shared/paper/fig5_routing_counts.csv"
+
+
+@pytest.fixture(scope="module")
+def released() -> pd.DataFrame:
+    # Present in CI: missing is a failure, never a skip.
+    assert RELEASED.is_file(), f"released routing counts not found at {RELEASED}"
+    return read_counts(RELEASED)
+
+
+# ---------------------------------------------------------------------------- FACTS §6
+def test_released_counts_shape(released: pd.DataFrame) -> None:
+    assert sorted(released["model"].unique()) == ["DU-0.5-8x1.5B", "FS-8x1.5B", "NU-8x1.5B"]
+    assert set(released["domain"]) == {"c4", "en_wikipedia", "ja_mc4", "ja_wikipedia", "code_stack"}
+    assert sorted(released["layer"].unique()) == list(range(24))
+    assert sorted(released["expert"].unique()) == list(range(8))
+
+
+def test_nu_routes_every_domain_to_the_same_two_experts(released: pd.DataFrame) -> None:
+    """FACTS §6: NU sends every domain to the same 2 experts. In the released counts this holds in
+    all 24 layers, and those two experts take at least 75% of every domain's assignments."""
+    nu = shared_top_k(released, "NU-8x1.5B", k=2)
+    assert len(nu) == 24
+    assert nu["same_top_k"].all(), nu[~nu["same_top_k"]]
+    assert nu["min_top_k_share"].min() > 0.75
+    # Layer 23: experts 1 and 3 take (almost) everything.
+    assert nu.set_index("layer").loc[23, "experts"] == "1,3"
+    assert nu.set_index("layer").loc[23, "min_top_k_share"] > 0.99
+
+
+def test_fs_and_du_route_domains_to_different_experts(released: pd.DataFrame) -> None:
+    for model in ("FS-8x1.5B", "DU-0.5-8x1.5B"):
+        assert not shared_top_k(released, model, k=2)["same_top_k"].any(), model
+    spec = routing_metrics(released).pivot(index="layer", columns="model", values="specialization")
+    assert (spec["FS-8x1.5B"] > spec["NU-8x1.5B"]).all()
+    assert (spec["DU-0.5-8x1.5B"] > spec["NU-8x1.5B"]).all()
+    assert spec["NU-8x1.5B"].max() < 0.2
+
+
+def test_du_layer_23_leaves_four_experts_unused(released: pd.DataFrame) -> None:
+    m = routing_metrics(released).set_index(["model", "layer"])
+    assert m.loc[("DU-0.5-8x1.5B", 23), "unused_experts"] == 4
+    # Elsewhere DU uses nearly all experts (at most one unused), unlike NU.
+    du = m.loc["DU-0.5-8x1.5B"]
+    assert du.drop(index=23)["unused_experts"].max() <= 1
+    assert m.loc["NU-8x1.5B", "unused_experts"].min() >= 2
+    assert m.loc[("DU-0.5-8x1.5B", 23), "top_expert_c4"] == 0
+    assert m.loc[("DU-0.5-8x1.5B", 23), "top_expert_ja_wikipedia"] in (3, 7)
+
+
+# ---------------------------------------------------------------------------- metrics by hand
+def _counts(model: str, rows: dict[str, list[int]], layer: int = 0) -> pd.DataFrame:
+    return pd.DataFrame([
+        {"model": model, "domain": d, "layer": layer, "expert": e, "assignments": a, "distinct_tokens": 1}
+        for d, assigns in rows.items() for e, a in enumerate(assigns)
+    ], columns=COUNT_COLUMNS)
+
+
+def test_layer_metrics_by_hand() -> None:
+    counts = _counts("m", {"c4": [50, 50, 0, 0], "code_stack": [0, 50, 49, 1]})
+    mat = counts.pivot(index="domain", columns="expert", values="assignments")
+    mat = mat.div(mat.sum(axis=1), axis=0)
+    got = layer_metrics(mat, unused_threshold=0.02)
+    pooled = np.array([0.25, 0.5, 0.245, 0.005])
+    assert got["entropy"] == pytest.approx(-sum(p * math.log2(p) for p in pooled))
+    h_code = -(0.5 * math.log2(0.5) + 0.49 * math.log2(0.49) + 0.01 * math.log2(0.01))
+    assert got["mean_domain_entropy"] == pytest.approx((1.0 + h_code) / 2)
+    assert got["unused_experts"] == 1  # expert 3: 0% and 1%; expert 2 has 49% in code
+    assert got["specialization"] == pytest.approx(0.5 + 0 + 0.49 + 0.01)
+    assert got["top_expert_c4"] == 0 and got["top_expert_code_stack"] == 1
+
+
+def test_uniform_routing_metrics() -> None:
+    counts = _counts("m", {"c4": [10] * 8, "ja_mc4": [10] * 8})
+    m = routing_metrics(counts).iloc[0]
+    assert m["entropy"] == pytest.approx(3.0)
+    assert m["specialization"] == pytest.approx(0.0)
+    assert m["unused_experts"] == 0
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda df: df.drop(columns=["distinct_tokens"]), "lacks column"),
+    (lambda df: df[df["expert"] != 2], "does not list experts"),
+    (lambda df: df.assign(assignments=df["assignments"] * 0.5), "non-negative integers"),
+    (lambda df: df.assign(assignments=-1), "non-negative integers"),
+    (lambda df: pd.concat([df, df]), "does not list experts"),
+    (lambda df: df.assign(assignments=0), "no assignments"),
+])
+def test_bad_counts_are_user_errors(tmp_path: Path, mutate, message: str) -> None:
+    path = tmp_path / "bad.csv"
+    mutate(_counts("m", {"c4": [3, 1, 2, 4]})).to_csv(path, index=False)
+    with pytest.raises(UserError, match=message):
+        read_counts(path)
+
+
+def test_same_model_in_two_files_is_refused(tmp_path: Path) -> None:
+    for name in ("a.csv", "b.csv"):
+        _counts("m", {"c4": [3, 1]}).to_csv(tmp_path / name, index=False)
+    with pytest.raises(UserError, match="duplicate counts"):
+        read_counts([tmp_path / "a.csv", tmp_path / "b.csv"])
+
+
+# ---------------------------------------------------------------------------- CLI
+def test_analyze_routing_cli(tmp_path: Path, released: pd.DataFrame, capsys) -> None:
+    # Two files (one model each) to exercise the multi-file path, drawn as SVG and PNG.
+    paths = []
+    for model in ("NU-8x1.5B", "DU-0.5-8x1.5B"):
+        p = tmp_path / f"{model}.csv"
+        released[released["model"] == model].to_csv(p, index=False)
+        paths.append(str(p))
+    out = tmp_path / "out"
+    rc = main(["analyze", "routing", "--counts", *paths, "--out", str(out), "--formats", "png,svg",
+               "--layers", "0", "23"])
+    assert rc == 0
+    metrics = pd.read_csv(out / "routing_metrics.csv")
+    assert list(metrics.columns[:7]) == ["model", "layer", "num_experts", "entropy", "mean_domain_entropy",
+                                         "unused_experts", "specialization"]
+    assert len(metrics) == 48
+    assert {f"top_expert_{d}" for d in released["domain"].unique()} <= set(metrics.columns)
+    png = (out / "routing_fig5.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert (out / "routing_fig5.svg").read_text().lstrip().startswith("<?xml")
+    assert "DU-0.5-8x1.5B" in capsys.readouterr().out
+
+
+def test_analyze_routing_cli_errors(tmp_path: Path, capsys) -> None:
+    assert main(["analyze", "routing", "--counts", str(tmp_path / "nope.csv"), "--out", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["analyze", "routing", "--counts", str(RELEASED), "--out", str(tmp_path / "o"),
+                 "--layers", "99"]) == 2
+    assert "layer(s) 99" in capsys.readouterr().err
+    assert main(["analyze", "routing", "--counts", str(RELEASED), "--out", str(tmp_path / "o"),
+                 "--formats", "jpg"]) == 2
+    assert "figure format" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "routing_fig5.png").exists()
+
+
+# ---------------------------------------------------------------------------- plot style
+def test_method_names() -> None:
+    assert method_key("DU-0.5-8x1.5B") == "DU-0.5"
+    assert method_key("NU-8x1.5B") == "NU"
+    assert method_key("rnu-0.5_8x152m") == "RNU-0.5"
+    assert method_label("NU") == "naive upcycling (NU)"
+    assert method_label("DU-0.5") == "Drop-Upcycling r=0.5 (DU-0.5)"
+    assert method_label("FS") == "from scratch (FS)"
+    assert method_label("RNU-0.5") == "noise upcycling (RNU-0.5)"
+    assert method_label("dense") == "dense"
+    assert method_label("DU-0.5-8x1.5B") == "Drop-Upcycling r=0.5 (DU-0.5), 8x1.5B"
+    assert method_label("DU-0.25") == "Drop-Upcycling r=0.25 (DU-0.25)"
+    assert method_style("DU-0.25").color == method_style("DU-0.25").color  # deterministic
+    colors = [method_style(k).color for k in ("dense", "FS", "NU", "RNU-0.5", "DU-0.5", "DU-1.0", "BTX")]
+    assert len(set(colors)) == len(colors)
+    assert parse_formats("PNG, pdf") == ["png", "pdf"]
+    with pytest.raises(UserError):
+        parse_formats("gif")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -92,6 +93,84 @@ def scatter_weighted(y_AD: torch.Tensor, weights_TK: torch.Tensor, order_A: torc
     return out_TD.index_add(0, order_A // top_k, y_AD * w_A)
 
 
+class _AllToAll(torch.autograd.Function):
+    """Uneven all-to-all of rows; the backward sends the gradients back along the reverse routes."""
+
+    @staticmethod
+    def forward(ctx, x_ND: torch.Tensor, recv_splits: list[int], send_splits: list[int],
+                group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.recv_splits, ctx.send_splits, ctx.group = recv_splits, send_splits, group
+        out = x_ND.new_empty(sum(recv_splits), *x_ND.shape[1:])
+        dist.all_to_all_single(out, x_ND.contiguous(), recv_splits, send_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_MD: torch.Tensor):
+        grad = grad_MD.new_empty(sum(ctx.send_splits), *grad_MD.shape[1:])
+        dist.all_to_all_single(grad, grad_MD.contiguous(), ctx.send_splits, ctx.recv_splits, group=ctx.group)
+        return grad, None, None, None
+
+
+def all_to_all(x_ND: torch.Tensor, recv_splits: list[int], send_splits: list[int],
+               group: dist.ProcessGroup) -> torch.Tensor:
+    """Differentiable ``all_to_all_single``: row block i of ``x`` (``send_splits[i]`` rows) goes to rank i."""
+    return _AllToAll.apply(x_ND, recv_splits, send_splits, group)
+
+
+@dataclass
+class _AllToAllContext:
+    order_A: torch.Tensor  # flattened (token, k) index of each sorted copy on the sending side
+    num_tokens: int
+    send_splits: list[int]  # copies sent to each rank of the expert group
+    recv_splits: list[int]  # copies received from each rank
+    regroup_G: torch.Tensor  # received (source, expert) order -> (expert, source) order
+
+
+class AllToAllDispatcher:
+    """Expert parallelism: rank i of ``group`` holds global experts ``[i*L, (i+1)*L)``, ``L = E / ep``.
+
+    dispatch: sort the local copies by global expert (so they are contiguous by destination rank),
+    exchange per-expert counts with ``all_to_all_single``, exchange the rows (uneven splits), and
+    reorder the received rows from (source rank, expert) to (expert, source rank) for the experts.
+    combine: the exact reverse, then the weighted scatter of :class:`LocalDispatcher`. Dropless;
+    a rank or an expert may receive zero rows.
+    """
+
+    def __init__(self, num_experts: int, group: dist.ProcessGroup) -> None:
+        self.num_experts = num_experts
+        self.group = group
+        self.ep_size = dist.get_world_size(group)
+        if num_experts % self.ep_size:
+            raise ValueError(f"{num_experts} experts cannot be split over {self.ep_size} ranks")
+        self.num_local = num_experts // self.ep_size
+
+    def dispatch(self, x_TD: torch.Tensor, ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, _AllToAllContext]:
+        top_k = ids_TK.shape[-1]
+        order_A, counts_E = LocalDispatcher(self.num_experts).group(ids_TK)
+        recv_counts = torch.empty_like(counts_E)
+        dist.all_to_all_single(recv_counts, counts_E, group=self.group)
+        send_PL = counts_E.view(self.ep_size, self.num_local)
+        recv_PL = recv_counts.view(self.ep_size, self.num_local)  # [source rank, local expert]
+        send_splits, recv_splits = send_PL.sum(1).tolist(), recv_PL.sum(1).tolist()
+        x_recv = all_to_all(x_TD[order_A // top_k], recv_splits, send_splits, self.group)
+        regroup_G = _block_transpose(recv_PL)
+        ctx = _AllToAllContext(order_A, x_TD.shape[0], send_splits, recv_splits, regroup_G)
+        return x_recv[regroup_G], recv_PL.sum(0), ctx
+
+    def combine(self, y_GD: torch.Tensor, weights_TK: torch.Tensor, ctx: _AllToAllContext) -> torch.Tensor:
+        y_recv = torch.empty_like(y_GD).index_copy(0, ctx.regroup_G, y_GD)  # back to (source, expert) order
+        y_AD = all_to_all(y_recv, ctx.send_splits, ctx.recv_splits, self.group)
+        return scatter_weighted(y_AD, weights_TK, ctx.order_A, ctx.num_tokens)
+
+
+def _block_transpose(counts_PL: torch.Tensor) -> torch.Tensor:
+    """Row order that turns blocks laid out (p, l) with sizes ``counts_PL`` into (l, p) order."""
+    sizes = counts_PL.reshape(-1).tolist()
+    blocks = torch.split(torch.arange(sum(sizes), device=counts_PL.device), sizes)
+    p, l_ = counts_PL.shape
+    return torch.cat([blocks[i * l_ + j] for j in range(l_) for i in range(p)])
+
+
 class GroupedExperts(nn.Module):
     """``num_local`` SwiGLU experts stored as stacked tensors (HF layout per expert).
 
@@ -155,13 +234,19 @@ class SparseMoeBlock(nn.Module):
 
 # ---------------------------------------------------------------------------- auxiliary losses
 def load_balancing_loss(
-    logits_per_layer: list[torch.Tensor], num_experts: int, top_k: int, mode: str = "global"
+    logits_per_layer: list[torch.Tensor], num_experts: int, top_k: int, mode: str = "global",
+    group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """Switch-style balance loss ``E * sum_e f_e * P_e`` as HF Mixtral computes it.
 
     ``global`` (the paper's setting, HF's ``load_balancing_loss_func``): the router logits of all
     layers are concatenated and one term is computed; f is counted per top-k slot, so a perfectly
     balanced router scores ``top_k``. ``per_layer``: the same term per layer, averaged.
+
+    ``group`` (data-parallel training): the routing fractions f (not differentiable) are averaged
+    over the ranks of ``group``, each holding the same number of tokens. Each rank then returns
+    ``E * sum f_global * P_local``, whose mean over ranks is exactly the loss of the whole global
+    batch and whose averaged gradient is that loss's gradient.
     """
     if not logits_per_layer:
         raise ValueError("no router logits")
@@ -172,13 +257,18 @@ def load_balancing_loss(
         mask_TKE = F.one_hot(ids_TK, num_experts).float()
         fractions.append(mask_TKE.mean(dim=0))  # [K, E]
         probs.append(probs_TE.mean(dim=0))  # [E]
+    f_LKE = torch.stack(fractions)
+    if group is not None and dist.get_world_size(group) > 1:
+        f_LKE = f_LKE.detach().clone()
+        dist.all_reduce(f_LKE, group=group)
+        f_LKE = f_LKE / dist.get_world_size(group)
     if mode == "global":
         # Mean over all layers' tokens == mean of per-layer means (every layer sees the same tokens).
-        f_KE = torch.stack(fractions).mean(dim=0)
+        f_KE = f_LKE.mean(dim=0)
         p_E = torch.stack(probs).mean(dim=0)
         return num_experts * (f_KE * p_E).sum()
     if mode == "per_layer":
-        return torch.stack([num_experts * (f * p).sum() for f, p in zip(fractions, probs, strict=True)]).mean()
+        return torch.stack([num_experts * (f * p).sum() for f, p in zip(f_LKE, probs, strict=True)]).mean()
     raise ValueError(f"unknown aux loss mode {mode!r}")
 
 

@@ -1,0 +1,262 @@
+"""Process topology for training: nanotron's ``ParallelContext``, on GPU (NCCL) or CPU (gloo).
+
+This is the one place that decides CPU-gloo vs GPU-NCCL. The topology is nanotron 0.4's: ranks are
+laid out as ``(ep, pp, dp, tp)`` and its ``expert_pg`` groups the ranks that exchange tokens. We use
+``tp = pp = 1``, so every rank consumes its own slice of the data (``dp * ep`` data ranks) and:
+
+- non-expert gradients are averaged over all ranks (``world_pg``);
+- expert gradients are summed over the ranks holding the same experts (nanotron's ``dp_pg``, the
+  ranks with the same expert-parallel index) and divided by the number of data ranks, because the
+  all-to-all backward already summed the contributions of the ``ep`` ranks that sent tokens.
+
+nanotron 0.4 hard-codes CUDA in ``ParallelContext.set_device`` and refuses to create the default
+group without a GPU, so on CPU we create the gloo default group ourselves first and override only
+``set_device``; everything else (group construction, rank layout) is nanotron's code unchanged.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import UserError
+
+
+def free_port() -> int:
+    """A TCP port that is free right now on 127.0.0.1 (for single-node launches and tests)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def validate_layout(world_size: int, ep: int, num_experts: int) -> int:
+    """Check ``world = dp * ep`` and ``E % ep == 0``; return dp. Violations are one-line UserErrors."""
+    if ep < 1:
+        raise UserError(f"expert-parallel size must be >= 1, got {ep}")
+    if world_size % ep:
+        raise UserError(f"world size {world_size} is not divisible by the expert-parallel size {ep}")
+    if ep > 1 and num_experts == 0:
+        raise UserError(f"expert parallelism (ep={ep}) needs an MoE model; this model is dense")
+    if num_experts and num_experts % ep:
+        raise UserError(f"the number of experts ({num_experts}) is not divisible by the expert-parallel size {ep}")
+    return world_size // ep
+
+
+def _parallel_context_class():
+    from nanotron.parallel.context import ParallelContext
+
+    class CPUParallelContext(ParallelContext):
+        """nanotron's context with the CUDA-only ``set_device`` replaced by a no-op (CPU ranks)."""
+
+        def set_device(self) -> None:
+            return None
+
+    return ParallelContext, CPUParallelContext
+
+
+@dataclass
+class ParallelEnv:
+    """What the trainer needs from the topology: ranks, sizes, groups and the device."""
+
+    rank: int
+    world_size: int
+    dp_rank: int
+    dp_size: int
+    ep_rank: int
+    ep_size: int
+    device: torch.device
+    world_pg: dist.ProcessGroup
+    expert_pg: dist.ProcessGroup  # ranks exchanging tokens (hold different experts)
+    expert_dp_pg: dist.ProcessGroup  # ranks holding the same experts (nanotron's dp_pg)
+    context: object  # the nanotron ParallelContext
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def data_rank(self) -> int:
+        """Index of this rank's data slice among the ``world_size`` data-consuming ranks."""
+        return self.rank
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.world_pg)
+
+    def destroy(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def init_parallel(ep: int = 1, num_experts: int = 0, device: str | None = None) -> ParallelEnv:
+    """Create the process groups for ``dp x ep`` (``dp = world / ep``) and return the environment.
+
+    Reads torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_*``; a plain ``python`` run is a
+    world of one on a free local port. ``device``: ``cuda`` (NCCL) when available, else ``cpu`` (gloo).
+    """
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    world_size = int(os.environ["WORLD_SIZE"])
+    rank = int(os.environ["RANK"])
+    dp = validate_layout(world_size, ep, num_experts)
+    use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise UserError("device 'cuda' requested but no GPU is visible")
+    base_cls, cpu_cls = _parallel_context_class()
+    if use_cuda:
+        ctx = base_cls(tensor_parallel_size=1, pipeline_parallel_size=1, data_parallel_size=dp,
+                       expert_parallel_size=ep)
+        dev = torch.device("cuda", torch.cuda.current_device())
+    else:
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", rank=rank, world_size=world_size,
+                                    timeout=datetime.timedelta(minutes=10))
+        # backend="nccl" only satisfies nanotron's assertion; the default group is already gloo and
+        # nanotron creates every sub-group with dist.get_backend().
+        ctx = cpu_cls(tensor_parallel_size=1, pipeline_parallel_size=1, data_parallel_size=dp,
+                      expert_parallel_size=ep)
+        dev = torch.device("cpu")
+    return ParallelEnv(
+        rank=rank,
+        world_size=world_size,
+        dp_rank=dist.get_rank(ctx.dp_pg),
+        dp_size=dp,
+        ep_rank=dist.get_rank(ctx.expert_pg),
+        ep_size=ep,
+        device=dev,
+        world_pg=ctx.world_pg,
+        expert_pg=ctx.expert_pg,
+        expert_dp_pg=ctx.dp_pg,
+        context=ctx,
+    )
+
+
+# ---------------------------------------------------------------------------- gradient reduction
+def is_expert_param(name: str) -> bool:
+    return ".experts." in name
+
+
+def _all_reduce_flat(tensors: list[torch.Tensor], group: dist.ProcessGroup, scale: float) -> None:
+    """Sum ``tensors`` over ``group`` in one flat buffer, then multiply by ``scale`` (in place)."""
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(flat, group=group)
+    flat.mul_(scale)
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset:offset + n].view_as(t))
+        offset += n
+
+
+def reduce_gradients(model: torch.nn.Module, env: ParallelEnv) -> None:
+    """Turn per-rank gradients of the per-rank losses into gradients of their mean over data ranks."""
+    dense, expert = [], []
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        (expert if is_expert_param(name) else dense).append(p.grad)
+    scale = 1.0 / env.world_size
+    _all_reduce_flat(dense, env.world_pg, scale)
+    _all_reduce_flat(expert, env.expert_dp_pg, scale)
+
+
+def clip_gradients(model: torch.nn.Module, env: ParallelEnv, max_norm: float) -> float:
+    """Clip by the global norm over both groups; returns the norm before clipping.
+
+    Non-expert gradients are identical on every rank after :func:`reduce_gradients`, so they count
+    once; expert gradients are sharded over ``expert_pg``, so their squared norms are summed there.
+    """
+    dense_sq = torch.zeros((), dtype=torch.float64, device=env.device)
+    expert_sq = torch.zeros((), dtype=torch.float64, device=env.device)
+    for name, p in model.named_parameters():
+        sq = p.grad.detach().double().pow(2).sum()
+        if is_expert_param(name):
+            expert_sq += sq
+        else:
+            dense_sq += sq
+    if env.ep_size > 1:
+        dist.all_reduce(expert_sq, group=env.expert_pg)
+    total = float((dense_sq + expert_sq).sqrt())
+    if max_norm > 0:
+        coef = max_norm / (total + 1e-6)
+        if coef < 1.0:
+            for p in model.parameters():
+                p.grad.mul_(coef)
+    return total
+
+
+def all_reduce_mean(values: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Mean of ``values`` over ``group`` (gloo has no AVG op: sum, then divide)."""
+    out = values.clone()
+    n = dist.get_world_size(group)
+    if n > 1:
+        dist.all_reduce(out, group=group)
+    return out / n
+
+
+# ---------------------------------------------------------------------------- the per-rank loss
+@dataclass
+class Losses:
+    loss: torch.Tensor  # what this rank back-propagates (its share of the global-batch loss)
+    lm_loss: torch.Tensor
+    aux_loss: torch.Tensor | None
+    z_loss: torch.Tensor | None
+
+
+def data_parallel_loss(logits: torch.Tensor, labels: torch.Tensor, router_logits: list[torch.Tensor],
+                       cfg, group: dist.ProcessGroup | None = None) -> Losses:
+    """This rank's loss, such that its mean over the ranks of ``group`` equals the loss that
+    :class:`~drop_upcycling.model.CausalLM` computes on the concatenated global batch.
+
+    The cross-entropy sum is divided by the mean number of predicted tokens per rank (so ranks with
+    more ignored labels weigh less), and the balance loss uses the routing fractions of the whole
+    group (:func:`~drop_upcycling.moe.load_balancing_loss`); the z-loss is a plain token mean.
+    """
+    from .moe import load_balancing_loss, router_z_loss
+
+    targets = labels[:, 1:].reshape(-1)
+    ce_sum = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets, ignore_index=-100, reduction="sum"
+    )
+    n_valid = (targets != -100).sum().to(torch.float64)
+    if group is not None and dist.get_world_size(group) > 1:
+        n_valid = all_reduce_mean(n_valid, group)
+    lm_loss = ce_sum / n_valid.to(ce_sum.dtype)
+    loss, aux, z = lm_loss, None, None
+    if router_logits:
+        aux = load_balancing_loss(router_logits, cfg.num_experts, cfg.num_experts_per_tok, cfg.aux_loss_mode,
+                                  group=group)
+        loss = loss + cfg.router_aux_loss_coef * aux
+        if cfg.router_z_loss_coef > 0:
+            z = router_z_loss(router_logits)
+            loss = loss + cfg.router_z_loss_coef * z
+    return Losses(loss=loss, lm_loss=lm_loss, aux_loss=aux, z_loss=z)
+
+
+# ---------------------------------------------------------------------------- local multi-process runs
+def _local_worker(rank: int, world_size: int, port: int, fn, args: tuple) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    try:
+        fn(*args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn_local(fn, world_size: int, *args) -> None:
+    """Run ``fn(*args)`` in ``world_size`` fresh processes on this machine with torchrun's environment
+    variables set (a free port on 127.0.0.1); an exception in any process is raised here."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_local_worker, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)

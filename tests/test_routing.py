@@ -176,3 +176,89 @@ def test_method_names() -> None:
     assert parse_formats("PNG, pdf") == ["png", "pdf"]
     with pytest.raises(UserError):
         parse_formats("gif")
+
+
+# ---------------------------------------------------------------------------- counting
+def test_counter_by_hand() -> None:
+    import torch
+
+    from drop_upcycling.routing import RoutingCounter
+
+    counter = RoutingCounter(num_layers=2, num_experts=4, vocab_size=10)
+    ids = torch.tensor([[5, 5, 7]])
+    layer0 = torch.tensor([[0, 1], [0, 1], [1, 2]])
+    layer1 = torch.tensor([[3, 2], [2, 3], [3, 2]])
+    counter.update(ids, [layer0, layer1])
+    counter.update(torch.tensor([[9]]), [torch.tensor([[0, 3]]), torch.tensor([[0, 1]])])
+    rows = pd.DataFrame(counter.rows("m", "c4")).set_index(["layer", "expert"])
+    assert rows.loc[0, "assignments"].tolist() == [3, 3, 1, 1]
+    assert rows.loc[0, "distinct_tokens"].tolist() == [2, 2, 1, 1]  # e0 {5, 9}, e1 {5, 7}, e2 {7}, e3 {9}
+    assert rows.loc[1, "assignments"].tolist() == [1, 1, 3, 3]
+    assert rows.loc[1, "distinct_tokens"].tolist() == [1, 1, 2, 2]
+    assert counter.tokens == 4
+
+
+@pytest.fixture(scope="module")
+def tiny_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from drop_upcycling.checkpoint import save_model
+    from drop_upcycling.configs import MODEL_CONFIGS
+    from drop_upcycling.model import CausalLM
+
+    model = CausalLM(MODEL_CONFIGS["tiny-moe"])
+    model.init_weights(seed=7)
+    return save_model(model, tmp_path_factory.mktemp("ckpt") / "DU-0.5-tiny")
+
+
+def _hf_counts(ckpt: Path, chunks: list, domain: str) -> pd.DataFrame:
+    """Independent reference: transformers' Mixtral router logits -> softmax -> top-k, counted in numpy."""
+    import torch
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    cfg = hf.config
+    assign = np.zeros((cfg.num_hidden_layers, cfg.num_local_experts), dtype=np.int64)
+    seen = [[set() for _ in range(cfg.num_local_experts)] for _ in range(cfg.num_hidden_layers)]
+    with torch.no_grad():
+        for chunk in chunks:
+            out = hf(chunk[None], output_router_logits=True)
+            for layer, logits in enumerate(out.router_logits):
+                top = torch.topk(torch.softmax(logits.float(), -1), cfg.num_experts_per_tok, -1).indices.numpy()
+                for tok, experts in zip(chunk.tolist(), top, strict=True):
+                    for e in experts:
+                        assign[layer, e] += 1
+                        seen[layer][e].add(tok)
+    return pd.DataFrame([
+        {"model": ckpt.name, "domain": domain, "layer": layer, "expert": e, "assignments": int(assign[layer, e]),
+         "distinct_tokens": len(seen[layer][e])}
+        for layer in range(cfg.num_hidden_layers) for e in range(cfg.num_local_experts)
+    ], columns=COUNT_COLUMNS)
+
+
+def test_count_routing_matches_transformers(tiny_moe_dir: Path) -> None:
+    import torch
+
+    from drop_upcycling.checkpoint import load_model
+    from drop_upcycling.routing import count_checkpoint
+
+    gen = torch.Generator().manual_seed(0)
+    # Token ids from a narrow range so that tokens repeat and distinct counts differ from assignments;
+    # a shorter last chunk exercises the batching of unequal lengths.
+    chunks = {"c4": [torch.randint(0, 40, (32,), generator=gen) for _ in range(3)] + [torch.randint(0, 40, (7,))],
+              "code_stack": [torch.randint(100, 500, (32,), generator=gen) for _ in range(2)]}
+    model = load_model(tiny_moe_dir)
+    got = count_checkpoint(model, chunks, tiny_moe_dir.name, batch_size=2, progress=False)
+    expected = pd.concat([_hf_counts(tiny_moe_dir, c, d) for d, c in chunks.items()], ignore_index=True)
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), expected)
+    # Every token is routed to exactly K experts per layer.
+    per_layer = got.groupby(["domain", "layer"])["assignments"].sum()
+    assert (per_layer.loc["c4"] == 2 * (3 * 32 + 7)).all() and (per_layer.loc["code_stack"] == 2 * 64).all()
+
+
+def test_count_routing_refuses_dense(tiny_dense_dir: Path) -> None:
+    import torch
+
+    from drop_upcycling.checkpoint import load_model
+    from drop_upcycling.routing import count_routing
+
+    with pytest.raises(UserError, match="dense model"):
+        count_routing(load_model(tiny_dense_dir), [torch.zeros(4, dtype=torch.long)], "d", "c4")

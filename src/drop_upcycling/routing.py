@@ -386,3 +386,33 @@ def _progress(enabled: bool, **kwargs):
     from tqdm.auto import tqdm
 
     return tqdm(disable=not enabled, **kwargs)
+
+
+def chunk_length(cfg, requested: int = DEFAULT_CHUNK) -> int:
+    """Tokens per forward pass: the paper's 2048, or the model's context if that is shorter."""
+    return max(1, min(requested, cfg.max_position_embeddings))
+
+
+def count_checkpoint(model, domain_chunks: dict[str, Iterable], model_name: str, batch_size: int = 1,
+                     progress: bool = True) -> pd.DataFrame:
+    """Count every domain of ``domain_chunks`` (domain -> iterable of 1-D token-id tensors) on one model."""
+    frames = []
+    for domain, chunks in domain_chunks.items():
+        df = count_routing(model, chunks, model_name, domain, batch_size=batch_size, progress=progress)
+        log.info("%s: %d assignments per layer", domain, int(df[df["layer"] == 0]["assignments"].sum()))
+        frames.append(df)
+    if not frames:
+        raise UserError("no domains to count")
+    return pd.concat(frames, ignore_index=True)
+
+
+def write_counts(counts: pd.DataFrame, out_dir: str | Path, metadata: dict | None = None) -> Path:
+    """``out_dir/routing_counts.csv`` (+ ``routing_counts.json`` provenance), each written atomically."""
+    from .checkpoint import write_json
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = _write_csv_atomic(counts[COUNT_COLUMNS], out_dir / "routing_counts.csv", float_format=None)
+    if metadata is not None:
+        write_json(out_dir / "routing_counts.json", metadata)
+    return path

@@ -119,6 +119,17 @@ def test_flops_cli_json_csv_table(capsys, tmp_path: Path) -> None:
     assert "headline" in capsys.readouterr().out
 
 
+def test_plan_cli_writes_files_and_figure(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    assert main(["flops", "--plan", "paper", "--out", str(out), "--formats", "png,svg"]) == 0
+    data = json.loads((out / "flops_plan.json").read_text())
+    assert data["headline"]["ratio_6n"] == pytest.approx(headline()["ratio_6n"])
+    assert len(data["rows"]) == len(plan_table()) == len((out / "flops_plan.csv").read_text().splitlines()) - 1
+    assert (out / "flops_plan.png").read_bytes()[:4] == b"\x89PNG" and (out / "flops_plan.svg").is_file()
+    assert main(["flops", "--model", "dense-13b", "--out", str(out)]) == 0
+    assert json.loads((out / "flops.json").read_text())["rows"][0]["model"] == "dense-13b"
+
+
 def test_flops_cli_errors(capsys, tmp_path: Path) -> None:
     assert main(["flops", "--model", "moe-9x9"]) == 2
     assert "unknown model" in capsys.readouterr().err

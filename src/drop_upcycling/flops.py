@@ -179,6 +179,44 @@ def headline(plan: TrainingPlan | None = None, causal: bool = False) -> dict:
     }
 
 
+# ============================================================================ figure
+def plot_plan(rows: Sequence[dict], kind: str = "6n"):
+    """Total training FLOPs per (model, method) of :func:`plan_table`: one panel per MoE size (the
+    dense reference joins the last), linear axis, the dense seed's pre-training and the MoE training
+    stacked, coloured by method. Returns the figure."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    from .plotstyle import OKABE_ITO, apply_style, method_label, method_style
+
+    if kind not in ("6n", "full"):
+        raise UserError(f"kind must be 6n or full, got {kind!r}")
+    apply_style()
+    groups: list[list[dict]] = []
+    for i, r in enumerate(rows):
+        starts_group = r["method"] == "dense" and i + 1 < len(rows) and rows[i + 1]["method"] != "dense"
+        if starts_group or not groups:
+            groups.append([])
+        groups[-1].append(r)
+    heights = [len(g) for g in groups]
+    fig, axes = plt.subplots(len(groups), 1, figsize=(9, 0.42 * sum(heights) + 1.0 * len(groups)),
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    for ax, group in zip(axes[:, 0], groups, strict=True):
+        y = list(range(len(group)))[::-1]
+        seed = [r[f"seed_flops_{kind}"] for r in group]
+        train = [r[f"train_flops_{kind}"] for r in group]
+        ax.barh(y, seed, color=OKABE_ITO["grey"], alpha=0.45)
+        ax.barh(y, train, left=seed, color=[method_style(r["method"]).color for r in group])
+        ax.set_yticks(y, [f"{r['model']}: {method_label(r['method'])}" for r in group])
+        ax.grid(axis="y", visible=False)
+        ax.set_xlabel(f"training compute (FLOPs, {'6N approximation' if kind == '6n' else 'full count'})")
+    fig.legend(handles=[Patch(color=OKABE_ITO["grey"], alpha=0.45, label="dense seed pre-training"),
+                        Patch(color=OKABE_ITO["black"], label="training of the model itself (colour = method)")],
+               loc="upper center", ncol=2, frameon=False, bbox_to_anchor=(0.5, 1.0))
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    return fig
+
+
 # ============================================================================ formatting
 def _human(x: float) -> str:
     """Counts with B/M/T suffixes (parameters, tokens): 0.152B, 500B, 2.1T."""
@@ -226,6 +264,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="print the Table-1-style training-cost table and the 8x3.7B vs 13B headline "
                              "('paper': FACTS.md §4 token counts; or a YAML with TrainingPlan fields)")
     parser.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help="also write the rows as flops.json/flops.csv (with --plan: flops_plan.* and a figure)")
+    parser.add_argument("--formats", default="png", help="figure formats with --plan --out: png, svg, pdf")
 
 
 def _selected_configs(args: argparse.Namespace) -> list[ModelConfig]:
@@ -248,8 +289,18 @@ def run(args: argparse.Namespace) -> int:
         plan = TrainingPlan() if args.plan == "paper" else TrainingPlan.from_yaml(args.plan)
         if args.seq_len:
             plan.seq_len = args.seq_len
-        return _print_plan(plan, args.causal, args.format)
+        _print_plan(plan, args.causal, args.format)
+        if args.out is not None:
+            _write_outputs(args.out, "flops_plan", plan_table(plan, args.causal),
+                           {"plan": asdict(plan), "headline": headline(plan, args.causal)})
+            from .plotstyle import save_figure
+
+            for path in save_figure(plot_plan(plan_table(plan, args.causal)), args.out, "flops_plan", args.formats):
+                print(f"wrote {path}")
+        return 0
     rows = [flops_row(c, args.seq_len, args.causal, args.tokens) for c in _selected_configs(args)]
+    if args.out is not None:
+        _write_outputs(args.out, "flops", rows, None)
     if args.format == "json":
         print(json.dumps(rows, indent=2))
     elif args.format == "csv":
@@ -258,6 +309,18 @@ def run(args: argparse.Namespace) -> int:
         cols = [*ROW_FIELDS, *(["tokens", "training_flops_6n", "training_flops_full"] if args.tokens else [])]
         print(format_table(rows, cols))
     return 0
+
+
+def _write_outputs(out_dir: Path, stem: str, rows: list[dict], extra: dict | None) -> None:
+    """``stem.json`` (rows, plus ``extra`` keys) and ``stem.csv``, each via temp file + rename."""
+    from .checkpoint import write_json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / f"{stem}.json", {"rows": rows, **(extra or {})})
+    tmp = out_dir / f".{stem}.csv.tmp"
+    tmp.write_text(to_csv(rows))
+    tmp.replace(out_dir / f"{stem}.csv")
+    print(f"wrote {out_dir / stem}.json and .csv")
 
 
 def _print_plan(plan: TrainingPlan, causal: bool, fmt: str) -> int:

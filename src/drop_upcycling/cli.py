@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "routing": ("drop_upcycling.routing", "count top-k expert choices per domain of a MoE checkpoint (CSV)"),
     "analyze": ("drop_upcycling.analyze", "analyses of finished artifacts: analyze routing (Figure 5, metrics)"),
     "flops": ("drop_upcycling.flops", "parameters and training FLOPs per model; the paper's FLOPs table"),
+    "train": ("drop_upcycling.train", "train a dense or MoE model (data x expert parallel, torchrun), resumable"),
     "demo": ("drop_upcycling.demo", "make a tiny dense model and upcycle it by every method (a quick install check)"),
 }
 

@@ -285,3 +285,103 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"{path} must contain a YAML mapping at the top level")
     return data
+
+
+# ============================================================================ training runs
+@dataclass
+class TrainConfig:
+    """One training run (``drop-upcycling train CONFIG.yaml``); defaults are FACTS.md §4.
+
+    The YAML is flat: ``model`` (a registered name or ``{base: NAME, field: value}``; omitted when
+    ``init`` names a checkpoint, whose config.json then defines the model), ``init``, ``data`` (a
+    mapping for the data reader) and the fields below. ``steps`` defaults to the token budget
+    ``train_tokens`` divided by the global batch, rounded up.
+    """
+
+    model: Any = None
+    init: str | None = None  # HF checkpoint (dense or MoE) to start from; None = random init (FS)
+    seed: int = 0
+    data: dict[str, Any] = field(default_factory=dict)
+    seq_len: int = 4096
+    global_batch_tokens: int = 512 * 4096
+    micro_batch_size: int = 1
+    train_tokens: int | None = None
+    steps: int | None = None
+    lr: float = 2e-4
+    min_lr: float = 2e-5
+    warmup_steps: int = 2000
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    ep: int = 1
+    dtype: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    out: str = "runs/train"
+    save_every: int = 0  # 0: only at the end
+    keep_last: int = 3
+    save_dtype: str = "fp32"
+    tensorboard: bool = False
+    nodes: int = 1  # for the dry-run plan and the run_*.sh scripts
+    gpus_per_node: int = 8
+    method: str | None = None  # informational: FS, NU, RNU-0.5, DU-0.5, DU-1.0, BTX, dense
+
+    @property
+    def total_steps(self) -> int:
+        if self.steps is not None:
+            return self.steps
+        if self.train_tokens is None:
+            raise UserError("set either steps or train_tokens")
+        return -(-self.train_tokens // self.global_batch_tokens)
+
+    def check(self) -> None:
+        """Reject values that make no sense, one clear line each."""
+        positive = ("seq_len", "global_batch_tokens", "micro_batch_size", "ep", "nodes", "gpus_per_node")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.global_batch_tokens % self.seq_len:
+            raise UserError(f"global_batch_tokens {self.global_batch_tokens} is not a multiple of seq_len {self.seq_len}")
+        if self.total_steps < 1:
+            raise UserError(f"steps must be >= 1, got {self.total_steps}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise UserError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
+        if self.warmup_steps < 0 or self.save_every < 0 or self.keep_last < 1:
+            raise UserError("warmup_steps and save_every must be >= 0 and keep_last >= 1")
+        if self.dtype not in ("auto", "bf16", "fp32"):
+            raise UserError(f"dtype must be auto, bf16 or fp32, got {self.dtype!r}")
+        if self.save_dtype not in ("fp32", "bf16"):
+            raise UserError(f"save_dtype must be fp32 or bf16, got {self.save_dtype!r}")
+        if self.model is None and self.init is None:
+            raise UserError("the config needs a model (name or mapping) or an init checkpoint")
+
+    def model_config(self) -> ModelConfig:
+        """The model shape: from ``init``'s config.json when given (``model`` must then agree)."""
+        if self.init is None:
+            return model_config_from_mapping(self.model)
+        init = Path(self.init)
+        if not (init / "config.json").is_file():
+            raise UserError(f"init checkpoint {init} does not exist or has no config.json")
+        cfg = ModelConfig.from_pretrained(init)
+        if self.model is not None and model_config_from_mapping(self.model) != cfg:
+            raise UserError(f"model {self.model!r} does not match the init checkpoint {init}")
+        return cfg
+
+    @classmethod
+    def from_mapping(cls, d: dict[str, Any]) -> TrainConfig:
+        fields_ = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields_)
+        if unknown:
+            raise UserError(f"unknown training field(s) {', '.join(unknown)}")
+        run = cls(**d)
+        run.check()
+        return run
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        d = load_yaml(path)
+        d.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_mapping(d)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

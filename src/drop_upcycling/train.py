@@ -1,0 +1,652 @@
+"""The trainer: dense or MoE, data x expert parallel, resumable bit for bit.
+
+``torchrun --nproc_per_node=N -m drop_upcycling.train CONFIG.yaml [--ep N] [--steps N] [--out DIR]
+[--save-every N] [--resume]`` (or ``drop-upcycling train ...``). Each of the ``N = dp * ep`` ranks
+reads its own tokens; under expert parallelism each rank holds ``E / ep`` experts and MoE layers
+exchange tokens with :class:`~drop_upcycling.moe.AllToAllDispatcher` (see :mod:`.parallel`).
+
+A step: ``accum`` micro-batches forward/backward (each rank's loss is its share of the global-batch
+loss, :func:`~drop_upcycling.parallel.data_parallel_loss`), gradient reduction over the two groups,
+clipping by the global norm, AdamW (FACTS.md §4: betas 0.9/0.95, eps 1e-8, weight decay 0.1 on
+matrices, not on norm weights), linear warmup then cosine to ``min_lr``. One JSON line per step
+goes to ``OUT/metrics.jsonl``.
+
+Checkpoints (``OUT/checkpoints/step-XXXXXXXX``, a ``latest`` pointer, keep-last-K) hold an HF model
+(each expert-parallel rank writes its own experts' file into a shared temp dir; rank 0 writes the
+index; transformers loads it) plus ``trainer/``: AdamW moments per HF tensor name (so any EP size
+reloads them), each rank's data position and RNG state, and the step. Everything is safetensors or
+JSON, written into a temp dir and renamed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .checkpoint import (
+    INDEX_FILE,
+    CheckpointReader,
+    atomic_dir,
+    copy_tokenizer_files,
+    hf_expert_name,
+    load_state_into,
+    to_hf,
+    write_config,
+    write_json,
+)
+from .configs import ModelConfig, TrainConfig
+from .errors import UserError
+from .model import CausalLM, keyed_generator
+from .moe import AllToAllDispatcher
+from .parallel import (
+    ParallelEnv,
+    all_reduce_mean,
+    clip_gradients,
+    data_parallel_loss,
+    init_parallel,
+    is_expert_param,
+    reduce_gradients,
+    validate_layout,
+)
+
+log = logging.getLogger(__name__)
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+
+
+# ============================================================================ data
+class SyntheticTokenReader:
+    """A learnable token stream for tests: a fixed random bigram chain with 4 successors per token.
+
+    Same interface as the corpus reader: ``next_batch(B) -> LongTensor[B, seq_len]``,
+    ``state_dict()``/``load_state_dict()`` (the position), and rank ``r`` of ``world_size`` reads its
+    own stream. Every batch is drawn from a generator keyed by (seed, rank, position).
+    """
+
+    def __init__(self, vocab_size: int, seq_len: int, *, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        self.vocab_size, self.seq_len, self.seed, self.rank = vocab_size, seq_len, seed, rank
+        self.world_size = world_size
+        self.position = 0
+        self.successors = torch.randint(0, vocab_size, (vocab_size, 4), generator=keyed_generator(seed, "chain"))
+
+    def next_batch(self, batch_size: int) -> torch.Tensor:
+        gen = keyed_generator(self.seed, "synthetic", self.rank, self.position)
+        self.position += 1
+        tokens = torch.empty(batch_size, self.seq_len, dtype=torch.long)
+        tokens[:, 0] = torch.randint(0, self.vocab_size, (batch_size,), generator=gen)
+        choice = torch.randint(0, 4, (batch_size, self.seq_len), generator=gen)
+        for t in range(1, self.seq_len):
+            tokens[:, t] = self.successors[tokens[:, t - 1], choice[:, t]]
+        return tokens
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position, "rank": self.rank, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position = int(state["position"])
+
+
+def build_reader(run: TrainConfig, cfg: ModelConfig, rank: int, world_size: int):
+    """The token source named by ``run.data`` (``source: synthetic`` or the prepared corpus)."""
+    data = dict(run.data)
+    source = data.pop("source", "corpus")
+    if source == "synthetic":
+        return SyntheticTokenReader(cfg.vocab_size, run.seq_len, seed=run.seed, rank=rank, world_size=world_size), None
+    if source != "corpus":
+        raise UserError(f"data.source must be 'corpus' or 'synthetic', got {source!r}")
+    return _corpus_reader(data, run, cfg, rank, world_size)
+
+
+def _corpus_reader(data: dict[str, Any], run: TrainConfig, cfg: ModelConfig, rank: int, world_size: int):
+    try:
+        from . import data as data_mod
+    except ImportError as e:
+        raise UserError(f"the corpus reader (drop_upcycling.data) is not available: {e}") from None
+    known = {"corpus", "cache_dir", "vocab_size", "weights", "split", "seed"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise UserError(f"unknown data field(s) {', '.join(unknown)}")
+    prepared = data_mod.prepare_all(corpus=data.get("corpus"), cache_dir=data.get("cache_dir"),
+                                    vocab_size=data.get("vocab_size", cfg.vocab_size), seed=data.get("seed", 0))
+    tokenizer_dir = Path(prepared.tokenizer_dir)
+    _check_vocab(tokenizer_dir, cfg.vocab_size)
+    split = data.get("split", "train")
+    weights = data.get("weights")
+    domains = list(weights) if weights else _domains_of(prepared, split)
+    files = {d: prepared.shard_files(split, d) for d in domains}
+    reader = data_mod.TokenSequenceReader(files, run.seq_len, weights=weights, seed=run.seed, rank=rank,
+                                          world_size=world_size)
+    return reader, tokenizer_dir
+
+
+def _domains_of(prepared, split: str) -> list[str]:
+    domains = getattr(prepared, "domains", None)
+    if callable(domains):
+        domains = domains(split)
+    if not domains:
+        raise UserError("data.weights must name the domains to train on")
+    return list(domains)
+
+
+def _check_vocab(tokenizer_dir: Path, model_vocab: int) -> None:
+    from tokenizers import Tokenizer
+
+    path = tokenizer_dir / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"{path} does not exist")
+    size = Tokenizer.from_file(str(path)).get_vocab_size()
+    if size > model_vocab:
+        raise UserError(f"tokenizer {tokenizer_dir} has {size} tokens, more than the model's vocab of {model_vocab}")
+
+
+# ============================================================================ model and optimizer
+def build_model(cfg: ModelConfig, run: TrainConfig, env: ParallelEnv) -> CausalLM:
+    """This rank's model: its expert slice, from ``run.init`` (read straight from safetensors) or random."""
+    num_local = cfg.num_experts // env.ep_size if cfg.is_moe else None
+    offset = env.ep_rank * num_local if cfg.is_moe else 0
+    dispatcher = AllToAllDispatcher(cfg.num_experts, env.expert_pg) if cfg.is_moe and env.ep_size > 1 else None
+    kwargs = {"num_local_experts": num_local, "expert_offset": offset, "dispatcher": dispatcher}
+    if run.init is None:
+        model = CausalLM(cfg, **kwargs)
+        model.init_weights(run.seed)
+        return model.to(env.device)
+    return _load_weights(Path(run.init), cfg, env, kwargs)
+
+
+def _load_weights(path: Path, cfg: ModelConfig, env: ParallelEnv, kwargs: dict) -> CausalLM:
+    reader = CheckpointReader(path)
+    if reader.config != cfg:
+        raise UserError(f"checkpoint {path} has a different model shape than the run")
+    with torch.device("meta"):
+        model = CausalLM(cfg, **kwargs)
+    model = model.to_empty(device=env.device).float()
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    load_state_into(model, reader)
+    return model
+
+
+def build_optimizer(model: torch.nn.Module, run: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (norm weights are 1-D), as HF Trainer and Megatron do."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": run.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=run.lr, betas=(run.beta1, run.beta2), eps=run.eps, foreach=False)
+
+
+def lr_at(step: int, run: TrainConfig) -> float:
+    """lr for 0-based optimizer step ``step``: linear warmup to ``lr``, then cosine to ``min_lr``."""
+    total = run.total_steps
+    if step < run.warmup_steps:
+        return run.lr * (step + 1) / run.warmup_steps
+    progress = min(1.0, (step - run.warmup_steps) / max(1, total - run.warmup_steps))
+    return run.min_lr + 0.5 * (run.lr - run.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+# ============================================================================ checkpoints
+def checkpoint_dir(out: Path, step: int) -> Path:
+    return out / CHECKPOINTS / f"step-{step:08d}"
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    pointer = out / CHECKPOINTS / LATEST
+    if not pointer.is_file():
+        return None
+    path = out / CHECKPOINTS / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def _broadcast_str(value: str | None, env: ParallelEnv) -> str:
+    obj = [value]
+    if env.world_size > 1:
+        dist.broadcast_object_list(obj, src=0, group=env.world_pg)
+    return obj[0]
+
+
+def _model_file(ep_rank: int, ep_size: int) -> str:
+    return f"model-{ep_rank + 1:05d}-of-{ep_size:05d}.safetensors"
+
+
+def _hf_tensors(model: CausalLM, tensors: dict[str, torch.Tensor], expert_only: bool, suffix: str = ""):
+    """(HF name + suffix, tensor) for this rank's share: its experts, plus the rest when not ``expert_only``."""
+    for name, t in tensors.items():
+        if model.config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        expert = is_expert_param(name)
+        if expert_only and not expert:
+            continue
+        offset = model.get_submodule(name.rsplit(".", 1)[0]).expert_offset if expert else 0
+        for hf_name, x in to_hf(name, t, offset):
+            yield hf_name + suffix, x
+
+
+def save_checkpoint(out: Path, step: int, tokens: int, model: CausalLM, optimizer: torch.optim.AdamW, reader,
+                    run: TrainConfig, env: ParallelEnv, tokenizer_dir: Path | None) -> Path:
+    """Write step ``step`` atomically from all ranks; update ``latest``; keep the last ``keep_last``."""
+    final = checkpoint_dir(out, step)
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_dir(final, overwrite=True)) if env.is_main else None
+        tmp = Path(_broadcast_str(str(tmp) if tmp else None, env))
+        if env.is_main:
+            (tmp / "trainer").mkdir()
+        env.barrier()
+        _write_rank_files(tmp, model, optimizer, reader, run, env)
+        env.barrier()
+        if env.is_main:
+            _write_index(tmp, model, run, env, tokenizer_dir)
+            write_json(tmp / "trainer" / "state.json", {
+                "step": step, "tokens": tokens, "world_size": env.world_size, "ep": env.ep_size,
+                "dp": env.dp_size, "run": run.as_dict(),
+            })
+    if env.is_main:
+        _set_latest(out, final)
+        _prune(out, run.keep_last)
+    env.barrier()
+    return final
+
+
+def _write_rank_files(tmp: Path, model: CausalLM, optimizer, reader, run: TrainConfig, env: ParallelEnv) -> None:
+    save_dtype = torch.bfloat16 if run.save_dtype == "bf16" else torch.float32
+    if env.dp_rank == 0:  # one replica of each expert slice writes it
+        expert_only = not env.is_main
+        weights = {n: t.detach().to(save_dtype).contiguous().cpu()
+                   for n, t in _hf_tensors(model, model.state_dict(), expert_only)}
+        save_file(weights, str(tmp / _model_file(env.ep_rank, env.ep_size)), metadata={"format": "pt"})
+        moments = {}
+        params = dict(model.named_parameters())
+        for key in ("exp_avg", "exp_avg_sq"):
+            state = {n: optimizer.state[p][key] for n, p in params.items() if p in optimizer.state}
+            moments.update(_hf_tensors(model, state, expert_only, suffix=f".{key}"))
+        moments = {n: t.detach().contiguous().cpu() for n, t in moments.items()}
+        save_file(moments, str(tmp / "trainer" / f"optimizer-{env.ep_rank:05d}.safetensors"))
+    rank_state = {"data": reader.state_dict(), "rng": _rng_state()}
+    write_json(tmp / "trainer" / f"rank-{env.rank:05d}.json", rank_state)
+
+
+def _write_index(tmp: Path, model: CausalLM, run: TrainConfig, env: ParallelEnv, tokenizer_dir: Path | None) -> None:
+    cfg = model.config
+    weight_map: dict[str, str] = {}
+    num_local = cfg.num_experts // env.ep_size if cfg.is_moe else 0
+    for name in model.state_dict():
+        if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        if not is_expert_param(name):
+            weight_map[name] = _model_file(0, env.ep_size)
+            continue
+        layer, matrix = int(name.split(".")[2]), name.rsplit(".", 1)[1]
+        for e in range(cfg.num_experts):
+            weight_map[hf_expert_name(layer, e, matrix)] = _model_file(e // num_local, env.ep_size)
+    total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
+    write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+    write_config(tmp, cfg, torch.bfloat16 if run.save_dtype == "bf16" else torch.float32)
+    if tokenizer_dir is not None:
+        copy_tokenizer_files(tokenizer_dir, tmp)
+
+
+def _set_latest(out: Path, final: Path) -> None:
+    pointer = out / CHECKPOINTS / LATEST
+    tmp = pointer.with_name(f".{LATEST}.tmp")
+    tmp.write_text(final.name + "\n")
+    tmp.replace(pointer)
+
+
+def _prune(out: Path, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` checkpoints; remove temp dirs that a killed save left behind
+    (only rank 0 creates them, and it is not saving now)."""
+    steps = sorted(p for p in (out / CHECKPOINTS).glob("step-*") if p.is_dir())
+    stale = [p for p in (out / CHECKPOINTS).glob(".step-*") if p.is_dir()]
+    for old in steps[:-keep_last] + stale:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _rng_state() -> dict[str, str]:
+    state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available():
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return state
+
+
+def _set_rng_state(state: dict[str, str]) -> None:
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8))
+
+
+def load_checkpoint(path: Path, model: CausalLM, optimizer: torch.optim.AdamW, reader, env: ParallelEnv) -> dict:
+    """Restore weights, AdamW moments (any EP size), and this rank's data position and RNG."""
+    state_file = path / "trainer" / "state.json"
+    if not state_file.is_file():
+        raise UserError(f"{path} is not a training checkpoint (no trainer/state.json)")
+    state = json.loads(state_file.read_text())
+    if state["world_size"] != env.world_size:
+        raise UserError(f"{path} was written by {state['world_size']} data ranks; resuming with {env.world_size} "
+                        "cannot restore the data position (use it as init: instead)")
+    load_state_into(model, CheckpointReader(path))
+    _load_moments(path / "trainer", model, optimizer, state["step"])
+    rank_state = json.loads((path / "trainer" / f"rank-{env.rank:05d}.json").read_text())
+    reader.load_state_dict(rank_state["data"])
+    _set_rng_state(rank_state["rng"])
+    return state
+
+
+def _load_moments(trainer_dir: Path, model: CausalLM, optimizer: torch.optim.AdamW, step: int) -> None:
+    handles = [safe_open(str(f), framework="pt") for f in sorted(trainer_dir.glob("optimizer-*.safetensors"))]
+    where = {k: h for h in handles for k in h.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
+
+    def get(key: str) -> torch.Tensor:
+        if key not in where:
+            raise UserError(f"optimizer state {key} missing from {trainer_dir}")
+        return where[key].get_tensor(key)
+
+    for name, p in model.named_parameters():
+        if model.config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        st: dict[str, torch.Tensor] = {"step": torch.tensor(float(step))}
+        for key in ("exp_avg", "exp_avg_sq"):
+            if is_expert_param(name):
+                layer, matrix = int(name.split(".")[2]), name.rsplit(".", 1)[1]
+                offset = model.get_submodule(name.rsplit(".", 1)[0]).expert_offset
+                t = torch.stack([get(f"{hf_expert_name(layer, offset + e, matrix)}.{key}") for e in range(p.shape[0])])
+            else:
+                t = get(f"{name}.{key}")
+            st[key] = t.to(device=p.device, dtype=p.dtype)
+        optimizer.state[p] = st
+
+
+# ============================================================================ the loop
+@dataclass
+class StepStats:
+    loss: float
+    lm_loss: float
+    aux_loss: float | None
+    grad_norm: float
+    expert_load: list[list[float]]
+
+
+class Trainer:
+    """Holds the run's pieces; :meth:`train` runs steps until ``run.total_steps``."""
+
+    def __init__(self, run: TrainConfig, env: ParallelEnv, resume: bool = False) -> None:
+        self.run, self.env = run, env
+        self.cfg = run.model_config()
+        self.out = Path(run.out)
+        self.accum = _accumulation_steps(run, env.world_size)
+        self.reader, self.tokenizer_dir = build_reader(run, self.cfg, env.data_rank, env.world_size)
+        torch.manual_seed(run.seed + env.rank)
+        self.model = build_model(self.cfg, run, env)
+        self.optimizer = build_optimizer(self.model, run)
+        self.step, self.tokens = 0, 0
+        self.autocast = _autocast(run, env)
+        if resume:
+            self._resume()
+
+    def _resume(self) -> None:
+        path = latest_checkpoint(self.out)
+        if path is None:
+            if self.env.is_main:
+                log.info("no checkpoint under %s: starting from step 0", self.out / CHECKPOINTS)
+            return
+        state = load_checkpoint(path, self.model, self.optimizer, self.reader, self.env)
+        self.step, self.tokens = state["step"], state["tokens"]
+        if self.env.is_main:
+            log.info("resumed from %s (step %d)", path, self.step)
+            _truncate_metrics(self.out / "metrics.jsonl", self.step)
+
+    def train_step(self) -> StepStats:
+        run, env, cfg = self.run, self.env, self.cfg
+        lr = lr_at(self.step, run)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        sums = torch.zeros(3, dtype=torch.float64)
+        counts = torch.zeros(cfg.num_hidden_layers if cfg.is_moe else 0, max(cfg.num_experts, 1), dtype=torch.float64)
+        for _ in range(self.accum):
+            ids = self.reader.next_batch(run.micro_batch_size).to(env.device)
+            with self.autocast:
+                out = self.model(ids, return_expert_ids=cfg.is_moe)
+                losses = data_parallel_loss(out.logits, ids, out.router_logits, cfg,
+                                            group=env.world_pg if env.world_size > 1 else None)
+            (losses.loss / self.accum).backward()
+            aux = losses.aux_loss.detach().double().cpu() if losses.aux_loss is not None else torch.zeros((), dtype=torch.float64)
+            sums += torch.stack([losses.loss.detach().double().cpu(), losses.lm_loss.detach().double().cpu(), aux])
+            for layer, ids_TK in enumerate(out.expert_ids):
+                counts[layer] += torch.bincount(ids_TK.reshape(-1).cpu(), minlength=cfg.num_experts).double()
+        reduce_gradients(self.model, env)
+        grad_norm = clip_gradients(self.model, env, run.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = all_reduce_mean(sums, env.world_pg) / self.accum
+        if counts.numel() and env.world_size > 1:
+            dist.all_reduce(counts, group=env.world_pg)
+        load = (counts / counts.sum(-1, keepdim=True).clamp_min(1)).tolist()
+        return StepStats(loss=float(sums[0]), lm_loss=float(sums[1]), aux_loss=float(sums[2]) if cfg.is_moe else None,
+                         grad_norm=grad_norm, expert_load=[[round(x, 5) for x in row] for row in load])
+
+    def train(self) -> Path:
+        run, env = self.run, self.env
+        total = run.total_steps
+        metrics = self.out / "metrics.jsonl"
+        writer = _tensorboard(self.out, run) if env.is_main else None
+        bar = _progress(total, self.step, env.is_main)
+        with open(metrics, "a") if env.is_main else contextlib.nullcontext() as f:
+            while self.step < total:
+                t0 = time.perf_counter()
+                stats = self.train_step()
+                self.step += 1
+                self.tokens += run.global_batch_tokens
+                row = {"step": self.step, "tokens": self.tokens, "lr": lr_at(self.step - 1, run), "loss": stats.loss,
+                       "lm_loss": stats.lm_loss, "aux_loss": stats.aux_loss, "grad_norm": stats.grad_norm,
+                       "tokens_per_s": run.global_batch_tokens / (time.perf_counter() - t0),
+                       "expert_load": stats.expert_load}
+                if env.is_main:
+                    f.write(json.dumps(row) + "\n")
+                    f.flush()
+                    _log_scalars(writer, row)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                if (run.save_every and self.step % run.save_every == 0) or self.step == total:
+                    save_checkpoint(self.out, self.step, self.tokens, self.model, self.optimizer, self.reader, run,
+                                    env, self.tokenizer_dir)
+        bar.close()
+        if writer is not None:
+            writer.close()
+        return checkpoint_dir(self.out, total)
+
+
+def _accumulation_steps(run: TrainConfig, world_size: int) -> int:
+    seqs = run.global_batch_tokens // run.seq_len
+    per_step = world_size * run.micro_batch_size
+    if seqs % per_step:
+        raise UserError(f"global batch of {seqs} sequences is not divisible by {world_size} ranks x micro batch "
+                        f"{run.micro_batch_size}")
+    return seqs // per_step
+
+
+def _autocast(run: TrainConfig, env: ParallelEnv):
+    bf16 = run.dtype == "bf16" or (run.dtype == "auto" and env.device.type == "cuda")
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(env.device.type, dtype=torch.bfloat16)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines logged after the checkpoint we resume from (a killed run may have logged more)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _tensorboard(out: Path, run: TrainConfig):
+    if not run.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("tensorboard: true needs the tensorboard package") from None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def _log_scalars(writer, row: dict) -> None:
+    if writer is None:
+        return
+    for key in ("loss", "lm_loss", "aux_loss", "grad_norm", "lr", "tokens_per_s"):
+        if row[key] is not None:
+            writer.add_scalar(f"train/{key}", row[key], row["step"])
+
+
+# ============================================================================ run metadata
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "nanotron", "transformers", "safetensors", "tokenizers", "drop-upcycling"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[pkg] = version(pkg)
+    return out
+
+
+def write_run_json(out: Path, run: TrainConfig, cfg: ModelConfig, env: ParallelEnv, resume: bool) -> None:
+    record = {"seed": run.seed, "run": run.as_dict(), "model": cfg.to_hf_dict(), "world_size": env.world_size,
+              "dp": env.dp_size, "ep": env.ep_size, "device": str(env.device), "resume": resume,
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": _versions()}
+    name = "run.json" if not resume else f"run-resume-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    write_json(out / name, record)
+
+
+# ============================================================================ the dry-run plan
+def plan(run: TrainConfig) -> dict[str, Any]:
+    """What a run on ``nodes x gpus_per_node`` GPUs would do: layout, memory per GPU, tokens and FLOPs.
+
+    Memory is a coarse estimate for fp32 master weights + AdamW (16 bytes per held parameter: weight,
+    gradient, two moments) and bf16 activations of one micro-batch (about 34 * S * D bytes per layer
+    per sequence for attention + norms, plus the routed expert intermediates, Korthikanti et al. 2022,
+    without activation recomputation). FLOPs: :func:`drop_upcycling.flops.training_flops_per_token`.
+    """
+    from .flops import training_flops_per_token
+
+    cfg = run.model_config()
+    world = run.nodes * run.gpus_per_node
+    dp = validate_layout(world, run.ep, cfg.num_experts)
+    accum = _accumulation_steps(run, world)
+    counts = cfg.param_counts()
+    expert_params = cfg.num_hidden_layers * cfg.num_experts * 3 * cfg.hidden_size * cfg.intermediate_size
+    held = counts["total"] - expert_params + expert_params // run.ep
+    s, d, b = run.seq_len, cfg.hidden_size, run.micro_batch_size
+    routed = cfg.num_experts_per_tok if cfg.is_moe else 1
+    act_layer = b * s * d * 34 + b * s * routed * cfg.intermediate_size * 2 * 3
+    activations = cfg.num_hidden_layers * act_layer + b * s * cfg.vocab_size * (2 + 4)
+    flops_token = training_flops_per_token(cfg, run.seq_len)
+    steps = run.total_steps
+    return {
+        "model": cfg.name, "method": run.method, "init": run.init,
+        "world_size": world, "nodes": run.nodes, "gpus_per_node": run.gpus_per_node, "dp": dp, "ep": run.ep,
+        "experts_per_rank": cfg.num_experts // run.ep if cfg.is_moe else 0,
+        "total_params": counts["total"], "active_params": counts["active"], "params_per_gpu": held,
+        "memory_per_gpu_gb": round((16 * held + activations) / 1e9, 1),
+        "micro_batch_size": b, "grad_accum": accum, "seq_len": s,
+        "tokens_per_step": run.global_batch_tokens, "steps": steps, "train_tokens": steps * run.global_batch_tokens,
+        "flops_per_token": flops_token, "total_flops": flops_token * steps * run.global_batch_tokens,
+    }
+
+
+def format_plan(p: dict[str, Any]) -> str:
+    lines = [f"plan for {p['model']} ({p['method'] or 'train'}), init {p['init'] or 'random (from scratch)'}",
+             f"  world size        {p['world_size']} = {p['nodes']} node(s) x {p['gpus_per_node']} GPUs",
+             f"  layout            dp {p['dp']} x ep {p['ep']}; {p['experts_per_rank']} experts per rank",
+             f"  parameters        {p['total_params'] / 1e9:.3f}B total, {p['active_params'] / 1e9:.3f}B active, "
+             f"{p['params_per_gpu'] / 1e9:.3f}B held per GPU",
+             f"  memory per GPU    ~{p['memory_per_gpu_gb']} GB (fp32 weights+grads+AdamW, bf16 activations of "
+             f"micro-batch {p['micro_batch_size']} x {p['seq_len']})",
+             f"  tokens per step   {p['tokens_per_step']:,} (grad accumulation {p['grad_accum']})",
+             f"  steps             {p['steps']:,} ({p['train_tokens'] / 1e9:.1f}B tokens)",
+             f"  training FLOPs    {p['flops_per_token'] / 1e9:.2f} GFLOP/token, {p['total_flops']:.3e} total"]
+    return "\n".join(lines)
+
+
+# ============================================================================ CLI
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="training YAML (see recipes/configs/)")
+    parser.add_argument("--ep", type=int, help="expert-parallel size (world = dp x ep)")
+    parser.add_argument("--steps", type=int, help="optimizer steps (overrides train_tokens)")
+    parser.add_argument("--out", help="output directory (metrics.jsonl, checkpoints/)")
+    parser.add_argument("--save-every", type=int, dest="save_every", help="checkpoint every N steps")
+    parser.add_argument("--init", help="HF checkpoint to start from")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan (layout, memory, FLOPs) and exit")
+    parser.add_argument("--nodes", type=int, help="nodes (plan only; torchrun decides the real world size)")
+    parser.add_argument("--gpus-per-node", type=int, dest="gpus_per_node", help="GPUs per node (plan only)")
+
+
+def load_run(args: argparse.Namespace) -> TrainConfig:
+    overrides = {k: getattr(args, k, None) for k in ("ep", "steps", "out", "save_every", "init", "nodes",
+                                                      "gpus_per_node")}
+    return TrainConfig.from_yaml(args.config, **overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    train_run = load_run(args)
+    if args.dry_run:
+        print(format_plan(plan(train_run)))
+        return 0
+    cfg = train_run.model_config()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    validate_layout(world, train_run.ep, cfg.num_experts)
+    _accumulation_steps(train_run, world)
+    out = Path(train_run.out)
+    if (out / "metrics.jsonl").exists() and not args.resume:
+        raise UserError(f"{out} already holds a run (pass --resume to continue it, or another --out)")
+    env = init_parallel(ep=train_run.ep, num_experts=cfg.num_experts)
+    try:
+        if env.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+        env.barrier()
+        trainer = Trainer(train_run, env, resume=args.resume)
+        if env.is_main:
+            write_run_json(out, train_run, cfg, env, args.resume)
+        final = trainer.train()
+        if env.is_main:
+            print(f"trained {trainer.step} steps; final checkpoint {final}")
+    finally:
+        env.destroy()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m drop_upcycling.train", description=__doc__.splitlines()[0])
+    configure_parser(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"drop-upcycling train: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

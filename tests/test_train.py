@@ -1,0 +1,192 @@
+"""The trainer end to end with torchrun on 2 gloo processes: loss decreases, SIGKILL + resume is
+bitwise, a checkpoint changes expert-parallel size and loads in transformers; bad configs fail early."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from drop_upcycling.checkpoint import load_model
+from drop_upcycling.configs import TrainConfig
+from drop_upcycling.errors import UserError
+from drop_upcycling.parallel import free_port
+from drop_upcycling.train import configure_parser, lr_at, plan
+from drop_upcycling.train import run as train_run
+
+REPO = Path(__file__).resolve().parents[1]
+SYNTHETIC = {
+    "model": {"base": "tiny-moe", "vocab_size": 128, "num_hidden_layers": 2},
+    "data": {"source": "synthetic"},
+    "seq_len": 32, "global_batch_tokens": 256, "micro_batch_size": 2,
+    "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "seed": 5,
+}
+
+
+def _torchrun(config: Path, *args: str, nproc: int = 2) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "drop_upcycling.train", str(config), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Child processes of ``pid``, recursively, from /proc (torchrun starts each rank in its own session)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 240) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _write_config(path: Path, **changes) -> Path:
+    path.write_text(yaml.safe_dump({**SYNTHETIC, **changes}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 uninterrupted steps, EP=2 on 2 ranks, checkpoints every 2 steps (all kept)."""
+    root = tmp_path_factory.mktemp("ref")
+    config = _write_config(root / "run.yaml", steps=8, save_every=2, keep_last=10)
+    _finish(_torchrun(config, "--ep", "2", "--out", str(root / "out")))
+    return root / "out"
+
+
+def test_sigkill_and_resume_logs_bitwise_the_same_losses(reference_run: Path, tmp_path: Path) -> None:
+    config = _write_config(tmp_path / "run.yaml", steps=8, save_every=2, keep_last=2)
+    out = tmp_path / "out"
+    proc = _torchrun(config, "--ep", "2", "--out", str(out))
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 4):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    for pid in [proc.pid, *_descendants(proc.pid)]:  # torchrun and both ranks (own sessions): no clean-up
+        os.kill(pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = len(_metrics(out))
+    assert killed_at < 8
+
+    _finish(_torchrun(config, "--ep", "2", "--out", str(out), "--resume"))
+    resumed, reference = _metrics(out), _metrics(reference_run)
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    for key in ("loss", "lm_loss", "aux_loss", "grad_norm", "lr", "tokens", "expert_load"):
+        assert [r[key] for r in resumed] == [r[key] for r in reference], key
+    # keep-last-2 and the latest pointer
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert ckpts == ["step-00000006", "step-00000008"]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000008"
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]  # no temp dirs left
+    run_json = json.loads((out / "run.json").read_text())
+    assert run_json["seed"] == 5 and run_json["ep"] == 2 and "torch" in run_json["versions"]
+
+
+def test_checkpoint_resumes_with_another_ep_size(reference_run: Path, tmp_path: Path) -> None:
+    """Written with EP=2, resumed with EP=1 (dp=2): steps 7-8 agree with the EP=2 run to fp32 rounding."""
+    out = tmp_path / "out"
+    shutil.copytree(reference_run, out)
+    (out / "checkpoints" / "latest").write_text("step-00000006\n")
+    config = _write_config(tmp_path / "run.yaml", steps=8, save_every=2, keep_last=10)
+    _finish(_torchrun(config, "--ep", "1", "--out", str(out), "--resume"))
+    mine, reference = _metrics(out), _metrics(reference_run)
+    assert [r["step"] for r in mine] == list(range(1, 9))
+    assert mine[:6] == reference[:6]
+    for a, b in zip(mine[6:], reference[6:], strict=True):
+        for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
+
+
+def test_checkpoint_is_an_hf_mixtral(reference_run: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    ckpt = reference_run / "checkpoints" / "step-00000008"
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
+    ours = load_model(ckpt).eval()
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)
+    # Weights changed during training: this is not the random init.
+    assert not torch.equal(ours.model.layers[0].block_sparse_moe.experts.w1, load_model_init()[0])
+
+
+def load_model_init() -> list[torch.Tensor]:
+    from drop_upcycling.model import CausalLM
+
+    run = TrainConfig.from_mapping({**SYNTHETIC, "steps": 1})
+    model = CausalLM(run.model_config())
+    model.init_weights(run.seed)
+    return [model.model.layers[0].block_sparse_moe.experts.w1.detach()]
+
+
+# ---------------------------------------------------------------------------- bad input, the schedule, the plan
+def _args(*argv: str):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    return parser.parse_args(list(argv))
+
+
+@pytest.mark.parametrize(("changes", "argv", "world", "message"), [
+    ({}, ["--ep", "3"], "3", r"number of experts \(4\) is not divisible by the expert-parallel size 3"),
+    ({}, ["--ep", "2"], "3", "world size 3 is not divisible by the expert-parallel size 2"),
+    ({"init": "/nonexistent/ckpt", "model": None}, [], "1", "init checkpoint /nonexistent/ckpt does not exist"),
+    ({"global_batch_tokens": 100}, [], "1", "not a multiple of seq_len"),
+    ({"micro_batch_size": 3}, [], "2", "not divisible by 2 ranks x micro batch 3"),
+    ({"bogus": 1}, [], "1", "unknown training field"),
+])
+def test_bad_config_fails_at_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, changes: dict, argv: list,
+                                   world: str, message: str) -> None:
+    monkeypatch.setenv("WORLD_SIZE", world)
+    config = _write_config(tmp_path / "run.yaml", steps=2, **changes)
+    with pytest.raises(UserError, match=message):
+        train_run(_args(str(config), "--out", str(tmp_path / "out"), *argv))
+    assert not (tmp_path / "out").exists()
+
+
+def test_lr_schedule_warmup_then_cosine() -> None:
+    run = TrainConfig.from_mapping({**SYNTHETIC, "steps": 12, "lr": 1.0, "min_lr": 0.1, "warmup_steps": 2})
+    assert [lr_at(s, run) for s in (0, 1)] == [0.5, 1.0]
+    assert lr_at(2, run) == pytest.approx(1.0)
+    assert lr_at(7, run) == pytest.approx(0.55)  # half-way through the cosine
+    assert lr_at(12, run) == pytest.approx(0.1)
+
+
+def test_paper_plan_8x152m() -> None:
+    """FACTS.md §4: 500B tokens at 512 x 4096 per step is 238,419 steps; 8 experts on 8 GPUs."""
+    run = TrainConfig.from_mapping({"model": "moe-8x152m", "seq_len": 4096, "global_batch_tokens": 512 * 4096,
+                                    "train_tokens": 500_000_000_000, "ep": 8, "micro_batch_size": 4})
+    p = plan(run)
+    assert p["steps"] == 238_419 and p["world_size"] == 8 and p["dp"] == 1 and p["experts_per_rank"] == 1
+    assert p["grad_accum"] == 16

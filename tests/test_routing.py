@@ -3,6 +3,7 @@ counting from a checkpoint against an independent computation."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -262,3 +263,67 @@ def test_count_routing_refuses_dense(tiny_dense_dir: Path) -> None:
 
     with pytest.raises(UserError, match="dense model"):
         count_routing(load_model(tiny_dense_dir), [torch.zeros(4, dtype=torch.long)], "d", "c4")
+
+
+# ---------------------------------------------------------------------------- routing CKPT (CLI)
+@pytest.fixture(scope="module")
+def small_split(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(prepared splits folder, tokenizer dir) from the first documents of each corpus domain."""
+    from drop_upcycling.data_pipeline import prepare_corpus, train_tokenizer
+
+    root = tmp_path_factory.mktemp("data")
+    splits = prepare_corpus(corpus_dir, root / "splits", max_docs_per_domain=150, test_fraction=0.2)
+    tok = train_tokenizer(splits / "train", root / "tok", vocab_size=512, max_chars_per_domain=100_000)
+    return splits, tok
+
+
+def test_routing_cli_counts_test_split(small_split: tuple[Path, Path], tiny_moe_dir: Path, tmp_path: Path) -> None:
+    import torch
+    from tokenizers import Tokenizer
+
+    from drop_upcycling.checkpoint import load_model
+    from drop_upcycling.routing import count_checkpoint
+
+    splits, tok_dir = small_split
+    out = tmp_path / "counts"
+    budget, chunk = 300, 128
+    rc = main(["routing", str(tiny_moe_dir), "--out", str(out), "--splits", str(splits), "--tokenizer", str(tok_dir),
+               "--tokens-per-domain", str(budget), "--chunk-len", str(chunk), "--batch-size", "2"])
+    assert rc == 0
+    got = pd.read_csv(out / "routing_counts.csv")
+    assert list(got.columns) == list(pd.read_csv(RELEASED, nrows=1).columns) == COUNT_COLUMNS
+    meta = json.loads((out / "routing_counts.json").read_text())
+    assert meta["tokens_per_domain"] == dict.fromkeys(["c4", "en_wikipedia", "ja_mc4", "code_stack"], budget)
+
+    # Independent stream: encode each test document in file order, EOS after each, first `budget` tokens,
+    # cut into `chunk`-token pieces; count those with the (separately verified) counter.
+    tokenizer = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    chunks = {}
+    for domain in meta["tokens_per_domain"]:
+        stream: list[int] = []
+        for line in (splits / "test" / f"{domain}.jsonl").read_text().splitlines():
+            stream += [*tokenizer.encode(json.loads(line)["text"]).ids, eos]
+        stream = stream[:budget]
+        chunks[domain] = [torch.tensor(stream[i:i + chunk]) for i in range(0, budget, chunk)]
+    expected = count_checkpoint(load_model(tiny_moe_dir), chunks, tiny_moe_dir.name, progress=False)
+    pd.testing.assert_frame_equal(got, expected, check_dtype=False)
+
+    # The counts feed the analysis directly; a second run refuses to overwrite.
+    assert main(["analyze", "routing", "--counts", str(out / "routing_counts.csv"), "--out", str(tmp_path / "a")]) == 0
+    assert main(["routing", str(tiny_moe_dir), "--out", str(out), "--splits", str(splits),
+                 "--tokenizer", str(tok_dir)]) == 2
+
+
+def test_routing_cli_errors(small_split: tuple[Path, Path], tiny_moe_dir: Path, tiny_dense_dir: Path,
+                            tmp_path: Path, capsys) -> None:
+    splits, tok_dir = small_split
+    common = ["--splits", str(splits), "--tokenizer", str(tok_dir)]
+    assert main(["routing", str(tiny_dense_dir), "--out", str(tmp_path / "a"), *common]) == 2
+    assert "dense model" in capsys.readouterr().err
+    assert main(["routing", str(tiny_moe_dir), "--out", str(tmp_path / "b"), *common, "--domains", "klingon"]) == 2
+    assert "klingon" in capsys.readouterr().err
+    assert main(["routing", str(tiny_moe_dir), "--out", str(tmp_path / "c"), "--splits", str(splits)]) == 2
+    assert "--tokenizer" in capsys.readouterr().err
+    assert main(["routing", str(tmp_path / "nope"), "--out", str(tmp_path / "d"), *common]) == 2
+    assert not (tmp_path / "b" / "routing_counts.csv").exists()

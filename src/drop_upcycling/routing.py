@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 COUNT_COLUMNS = ["model", "domain", "layer", "expert", "assignments", "distinct_tokens"]
 DEFAULT_UNUSED_THRESHOLD = 0.02  # "almost unused": under 2% of a layer's assignments in every domain
 DEFAULT_CHUNK = 2048  # tokens per forward pass, as in the paper's analysis (FACTS.md §6)
+DEFAULT_TOKENS_PER_DOMAIN = 100 * DEFAULT_CHUNK  # 204,800: the paper's "about 205k tokens" per domain
 
 
 # ============================================================================ reading counts
@@ -416,3 +417,170 @@ def write_counts(counts: pd.DataFrame, out_dir: str | Path, metadata: dict | Non
     if metadata is not None:
         write_json(out_dir / "routing_counts.json", metadata)
     return path
+
+
+# ============================================================================ CLI: routing CKPT
+def read_jsonl_texts(files: Sequence[Path]) -> Iterator[str]:
+    """The ``text`` field of every record, file by file (``.jsonl`` or ``.jsonl.gz``), streamed."""
+    import gzip
+    import json
+
+    for path in files:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise UserError(f"{path}:{n} is not a JSON record with a 'text' field") from None
+                yield text
+
+
+def token_chunks(texts: Iterable[str], tokenizer, chunk_len: int, max_tokens: int | None,
+                 eos_id: int | None = None, encode_batch: int = 64) -> Iterator:
+    """Documents -> token ids (``eos_id`` after each, as in training) -> consecutive ``chunk_len``
+    chunks, stopping after ``max_tokens`` tokens (the last chunk may be shorter). Streams: only one
+    batch of documents and one chunk are held at a time."""
+    import torch
+
+    if chunk_len < 1:
+        raise UserError(f"chunk length must be >= 1, got {chunk_len}")
+    buffer: list[int] = []
+    emitted = 0
+
+    def encoded() -> Iterator[list[int]]:
+        batch: list[str] = []
+        for text in texts:
+            batch.append(text)
+            if len(batch) == encode_batch:
+                yield from (e.ids for e in tokenizer.encode_batch(batch))
+                batch = []
+        if batch:
+            yield from (e.ids for e in tokenizer.encode_batch(batch))
+
+    for ids in encoded():
+        buffer.extend(ids)
+        if eos_id is not None:
+            buffer.append(eos_id)
+        while len(buffer) >= chunk_len:
+            take = chunk_len if max_tokens is None else min(chunk_len, max_tokens - emitted)
+            yield torch.tensor(buffer[:take], dtype=torch.long)
+            emitted += take
+            del buffer[:take]
+            if max_tokens is not None and emitted >= max_tokens:
+                return
+    if buffer and (max_tokens is None or emitted < max_tokens):
+        take = len(buffer) if max_tokens is None else min(len(buffer), max_tokens - emitted)
+        yield torch.tensor(buffer[:take], dtype=torch.long)
+
+
+def _load_tokenizer(tokenizer_dir: Path, model_vocab: int):
+    from tokenizers import Tokenizer
+
+    from .data_pipeline import EOS_TOKEN, check_vocab
+
+    check_vocab(tokenizer_dir, model_vocab)
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    return tokenizer, tokenizer.token_to_id(EOS_TOKEN)
+
+
+def _resolve_inputs(args: argparse.Namespace, ckpt: Path, vocab_size: int) -> tuple[Path, Path]:
+    """(folder of the test split's ``<domain>.jsonl`` files, tokenizer dir) from the options.
+
+    Text: ``--splits`` (a split folder, or a prepared folder with ``test/``), else the project's
+    prepared data (:func:`drop_upcycling.data.prepare_all`, test split). Tokenizer: ``--tokenizer``,
+    else the checkpoint's own tokenizer files, else the prepared data's tokenizer.
+    """
+    prepared = None
+    if args.splits is not None:
+        split_dir = args.splits / "test" if (args.splits / "test").is_dir() else args.splits
+    else:
+        try:
+            from .data import prepare_all
+        except ImportError:
+            raise UserError("no --splits given and the data pipeline (drop_upcycling.data) is unavailable") from None
+        prepared = prepare_all(corpus=args.corpus, vocab_size=vocab_size)
+        split_dir = Path(prepared.splits_dir) / "test"
+    if not split_dir.is_dir():
+        raise UserError(f"{split_dir} is not a directory of <domain>.jsonl files")
+    if args.tokenizer is not None:
+        tokenizer_dir = args.tokenizer
+    elif (ckpt / "tokenizer.json").is_file():
+        tokenizer_dir = ckpt
+    elif prepared is not None:
+        tokenizer_dir = Path(prepared.tokenizer_dir)
+    else:
+        raise UserError(f"{ckpt} has no tokenizer.json: pass --tokenizer DIR")
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        raise UserError(f"{tokenizer_dir} has no tokenizer.json")
+    return split_dir, tokenizer_dir
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path, metavar="CKPT", help="a Mixtral (MoE) checkpoint directory")
+    parser.add_argument("--out", required=True, type=Path, help="output directory (routing_counts.csv/.json)")
+    parser.add_argument("--tokens-per-domain", type=int, default=DEFAULT_TOKENS_PER_DOMAIN,
+                        help=f"tokens fed per domain (default {DEFAULT_TOKENS_PER_DOMAIN:,}, as in the paper)")
+    parser.add_argument("--tokenizer", type=Path, metavar="DIR",
+                        help="tokenizer dir (default: the checkpoint's, else the prepared data's)")
+    parser.add_argument("--splits", type=Path, metavar="DIR",
+                        help="a test split folder of <domain>.jsonl (default: the prepared corpus's test split)")
+    parser.add_argument("--corpus", type=Path, metavar="DIR", help="corpus folder for preparing the data")
+    parser.add_argument("--domains", nargs="+", help="domains to count (default: every domain of the split)")
+    parser.add_argument("--chunk-len", type=int, default=DEFAULT_CHUNK,
+                        help="tokens per forward pass (default 2048, capped at the model's max positions)")
+    parser.add_argument("--batch-size", type=int, default=1, help="chunks per forward pass")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--model-name", help="the model column (default: the checkpoint folder's name)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing routing_counts.csv")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import __version__
+    from .checkpoint import CheckpointReader, load_model
+    from .data_pipeline import jsonl_files, sha256_file, split_domains
+
+    if args.tokens_per_domain < 1:
+        raise UserError(f"--tokens-per-domain must be >= 1, got {args.tokens_per_domain}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if (args.out / "routing_counts.csv").exists() and not args.overwrite:
+        raise UserError(f"{args.out / 'routing_counts.csv'} exists (pass --overwrite to replace it)")
+    cfg = CheckpointReader(args.checkpoint).config
+    if not cfg.is_moe:
+        raise UserError(f"{args.checkpoint} is a dense model: routing counts need a MoE checkpoint")
+    split_dir, tokenizer_dir = _resolve_inputs(args, args.checkpoint, cfg.vocab_size)
+    tokenizer, eos_id = _load_tokenizer(tokenizer_dir, cfg.vocab_size)
+    domains = args.domains or split_domains(split_dir)
+    missing = [d for d in domains if not jsonl_files(split_dir, d)]
+    if missing or not domains:
+        raise UserError(f"{split_dir} has no <domain>.jsonl for: {', '.join(missing) or 'any domain'}")
+    chunk_len = chunk_length(cfg, args.chunk_len)
+    name = args.model_name or args.checkpoint.resolve().name
+    dtype = getattr(torch, args.dtype)
+    model = load_model(args.checkpoint, dtype=dtype, device=args.device).eval()
+    log.info("counting %s: %d domains x %d tokens in %d-token chunks", name, len(domains), args.tokens_per_domain,
+             chunk_len)
+    chunks = {d: token_chunks(read_jsonl_texts(jsonl_files(split_dir, d)), tokenizer, chunk_len,
+                              args.tokens_per_domain, eos_id) for d in domains}
+    counts = count_checkpoint(model, chunks, name, batch_size=args.batch_size)
+    layer0 = counts[counts["layer"] == 0].groupby("domain")["assignments"].sum() // cfg.num_experts_per_tok
+    short = {d: int(n) for d, n in layer0.items() if n < args.tokens_per_domain}
+    if short:
+        log.warning("fewer tokens than requested in the test split: %s", short)
+    meta = {
+        "model": name, "checkpoint": str(args.checkpoint.resolve()), "num_experts": cfg.num_experts,
+        "top_k": cfg.num_experts_per_tok, "num_layers": cfg.num_hidden_layers, "chunk_len": chunk_len,
+        "tokens_per_domain_requested": args.tokens_per_domain,
+        "tokens_per_domain": {d: int(layer0[d]) for d in domains}, "split_dir": str(split_dir.resolve()),
+        "tokenizer": str(tokenizer_dir.resolve()), "tokenizer_sha256": sha256_file(tokenizer_dir / "tokenizer.json"),
+        "dtype": args.dtype, "drop_upcycling_version": __version__,
+    }
+    path = write_counts(counts, args.out, meta)
+    print(f"wrote {path} ({len(counts)} rows); next: drop-upcycling analyze routing --counts {path} --out DIR")
+    return 0

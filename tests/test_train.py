@@ -190,3 +190,28 @@ def test_paper_plan_8x152m() -> None:
     p = plan(run)
     assert p["steps"] == 238_419 and p["world_size"] == 8 and p["dp"] == 1 and p["experts_per_rank"] == 1
     assert p["grad_accum"] == 16
+
+
+def test_every_recipe_loads_and_plans() -> None:
+    """Each paper recipe parses, its layout fits its nodes, and its step count is FACTS.md §4's."""
+    configs = sorted((REPO / "recipes" / "configs").glob("*.yaml"))
+    names = {c.stem for c in configs}
+    for size in ("8x152m", "8x1.5b", "8x3.7b"):
+        assert {f"{size}_{m}" for m in ("fs", "nu", "rnu0.5", "du0.5", "du1.0", "btx")} <= names
+    for config in configs:
+        run = TrainConfig.from_yaml(config)
+        p = plan(run)
+        assert p["world_size"] == run.nodes * run.gpus_per_node
+        if config.stem.startswith("8x"):
+            assert run.lr == 2e-4 and run.min_lr == 2e-5 and run.warmup_steps == 2000 and run.weight_decay == 0.1
+            assert p["steps"] == (238_419 if config.stem.startswith("8x152m") else 119_210), config.stem
+
+
+def test_run_script_dry_run_prints_the_plan() -> None:
+    env = {**os.environ, "PYTHON": sys.executable, "GPUS_PER_NODE": "0"}
+    env.pop("NNODES", None)
+    res = subprocess.run(["bash", str(REPO / "recipes" / "run_8x1.5B.sh"), "--dry-run", "du0.5"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "--method drop --ratio 0.5" in res.stdout and "--nnodes 4" in res.stdout
+    assert "dp 4 x ep 8; 1 experts per rank" in res.stdout and "steps             119,210" in res.stdout

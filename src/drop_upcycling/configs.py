@@ -288,6 +288,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 # ============================================================================ training runs
+_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "num_experts", "num_experts_per_tok")
+
+
 @dataclass
 class TrainConfig:
     """One training run (``drop-upcycling train CONFIG.yaml``); defaults are FACTS.md §4.
@@ -363,9 +367,17 @@ class TrainConfig:
         if not (init / "config.json").is_file():
             raise UserError(f"init checkpoint {init} does not exist or has no config.json")
         cfg = ModelConfig.from_pretrained(init)
-        if self.model is not None and model_config_from_mapping(self.model) != cfg:
-            raise UserError(f"model {self.model!r} does not match the init checkpoint {init}")
+        if self.model is not None:
+            expected = model_config_from_mapping(self.model)
+            differ = [f for f in _SHAPE_FIELDS if getattr(expected, f) != getattr(cfg, f)]
+            if differ:
+                raise UserError(f"init checkpoint {init} does not match model {expected.name}: "
+                                + ", ".join(f"{f} {getattr(cfg, f)} != {getattr(expected, f)}" for f in differ))
         return cfg
+
+    def planned_model_config(self) -> ModelConfig:
+        """The shape for a dry-run plan: ``model`` when given (``init`` may not exist yet)."""
+        return model_config_from_mapping(self.model) if self.model is not None else self.model_config()
 
     @classmethod
     def from_mapping(cls, d: dict[str, Any]) -> TrainConfig:
@@ -373,7 +385,8 @@ class TrainConfig:
         unknown = sorted(set(d) - fields_)
         if unknown:
             raise UserError(f"unknown training field(s) {', '.join(unknown)}")
-        run = cls(**d)
+        types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        run = cls(**{k: _coerce(k, v, types[k]) for k, v in d.items()})
         run.check()
         return run
 
@@ -385,3 +398,22 @@ class TrainConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _coerce(name: str, value: Any, type_name: str) -> Any:
+    """YAML 1.1 reads ``2e-4`` as a string: accept numbers written that way, refuse anything else."""
+    if value is None or type_name not in ("float", "int", "int | None", "bool"):
+        return value
+    if type_name == "bool":
+        if not isinstance(value, bool):
+            raise UserError(f"{name} must be true or false, got {value!r}")
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{name} must be a number, got {value!r}") from None
+    if type_name == "float":
+        return number
+    if not number.is_integer() or isinstance(value, bool):
+        raise UserError(f"{name} must be an integer, got {value!r}")
+    return int(number)

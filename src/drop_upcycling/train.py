@@ -549,7 +549,7 @@ def plan(run: TrainConfig) -> dict[str, Any]:
     """
     from .flops import training_flops_per_token
 
-    cfg = run.model_config()
+    cfg = run.planned_model_config()
     world = run.nodes * run.gpus_per_node
     dp = validate_layout(world, run.ep, cfg.num_experts)
     accum = _accumulation_steps(run, world)
@@ -562,10 +562,12 @@ def plan(run: TrainConfig) -> dict[str, Any]:
     activations = cfg.num_hidden_layers * act_layer + b * s * cfg.vocab_size * (2 + 4)
     flops_token = training_flops_per_token(cfg, run.seq_len)
     steps = run.total_steps
+    # nanotron 0.4 lays ranks out as (ep, dp): expert group i holds ranks i, i + dp, i + 2 dp, ...
+    expert_group_nodes = len({i * dp // run.gpus_per_node for i in range(run.ep)})
     return {
         "model": cfg.name, "method": run.method, "init": run.init,
         "world_size": world, "nodes": run.nodes, "gpus_per_node": run.gpus_per_node, "dp": dp, "ep": run.ep,
-        "experts_per_rank": cfg.num_experts // run.ep if cfg.is_moe else 0,
+        "experts_per_rank": cfg.num_experts // run.ep if cfg.is_moe else 0, "expert_group_nodes": expert_group_nodes,
         "total_params": counts["total"], "active_params": counts["active"], "params_per_gpu": held,
         "memory_per_gpu_gb": round((16 * held + activations) / 1e9, 1),
         "micro_batch_size": b, "grad_accum": accum, "seq_len": s,
@@ -580,8 +582,12 @@ def format_plan(p: dict[str, Any]) -> str:
              f"  layout            dp {p['dp']} x ep {p['ep']}; {p['experts_per_rank']} experts per rank",
              f"  parameters        {p['total_params'] / 1e9:.3f}B total, {p['active_params'] / 1e9:.3f}B active, "
              f"{p['params_per_gpu'] / 1e9:.3f}B held per GPU",
+             f"  all-to-all        each expert group spans {p['expert_group_nodes']} node(s)",
              f"  memory per GPU    ~{p['memory_per_gpu_gb']} GB (fp32 weights+grads+AdamW, bf16 activations of "
-             f"micro-batch {p['micro_batch_size']} x {p['seq_len']})",
+             f"micro-batch {p['micro_batch_size']} x {p['seq_len']}): "
+             + ("fits an 80 GB H100" if p["memory_per_gpu_gb"] < 76 else
+                "needs a 141 GB H200 (or more GPUs / a smaller micro-batch)" if p["memory_per_gpu_gb"] < 134 else
+                "does not fit one GPU: raise ep or the GPU count"),
              f"  tokens per step   {p['tokens_per_step']:,} (grad accumulation {p['grad_accum']})",
              f"  steps             {p['steps']:,} ({p['train_tokens'] / 1e9:.1f}B tokens)",
              f"  training FLOPs    {p['flops_per_token'] / 1e9:.2f} GFLOP/token, {p['total_flops']:.3e} total"]

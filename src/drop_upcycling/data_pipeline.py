@@ -1,0 +1,436 @@
+"""The data build steps: corpus -> JSONL splits -> byte-level BPE tokenizer -> datatrove ``.ds`` shards.
+
+Each step reads only files and writes one directory atomically (temp dir + rename, see
+:func:`~drop_upcycling.checkpoint.atomic_dir`), so an interrupted step never leaves something that a
+later step would mistake for a finished result. :mod:`drop_upcycling.data` chains them
+(:func:`~drop_upcycling.data.prepare_all`) and reads the result.
+
+The shared corpus is the four domain samples the Drop-Upcycling authors published for their routing
+analysis. Its files are not uniformly "one document per line": C4 and Japanese mC4 are, but the
+English Wikipedia and The Stack samples are runs of lines with blank lines between sections. So a
+document is a line for the first two and a blank-line-separated block for the other two
+(:data:`DOC_UNITS`); the split by document hash then never puts a line or block into two splits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from .checkpoint import atomic_dir, write_json
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+DOMAINS = ("c4", "en_wikipedia", "ja_mc4", "code_stack")
+CORPUS_SHA256: dict[str, str] = {
+    "c4": "ee2fb5542e72c3b6979b362f41182d2dd043549912b32fe1438685bc16c563e3",
+    "en_wikipedia": "06326623123607d03b7234a102b10cfabd43a08222dcf1ae9c09678d6794ad4a",
+    "ja_mc4": "292140089331be3507be86571eeeb784054da921e99f26e04cbc28e05ce7d978",
+    "code_stack": "1bee76b593bd66ff6896bff757e7d6e1094526d371b4ce3d938ec6333849623c",
+}
+CORPUS_REPO = "Taishi-N324/Drop-Upcycling"
+CORPUS_COMMIT = "481747d5e60186a7024baac3267b144bd2188855"
+CORPUS_BASE_URL = (
+    f"https://raw.githubusercontent.com/{CORPUS_REPO}/{CORPUS_COMMIT}/analysis/routing_output/text"
+)
+CORPUS_URLS: dict[str, str] = {d: f"{CORPUS_BASE_URL}/{d}_texts.txt" for d in DOMAINS}
+# How each domain's text file is cut into documents (see the module docstring).
+DOC_UNITS: dict[str, str] = {"c4": "line", "ja_mc4": "line", "en_wikipedia": "block", "code_stack": "block"}
+SPLITS = ("train", "validation", "test")
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<pad>"
+ENV_CORPUS = "DROP_UPCYCLING_CORPUS"
+ENV_CACHE = "DROP_UPCYCLING_CACHE"
+ENV_CORPUS_URL = "DROP_UPCYCLING_CORPUS_URL"  # base URL override (a mirror, or file:// for offline tests)
+
+
+# ---------------------------------------------------------------------------- corpus resolution
+def cache_root() -> Path:
+    """Base of every cache this package writes: ``$DROP_UPCYCLING_CACHE`` or ``~/.cache/drop_upcycling``."""
+    return Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "drop_upcycling").expanduser()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def corpus_file(corpus_dir: Path, domain: str) -> Path | None:
+    """The domain's file in ``corpus_dir``: ``<domain>.txt`` (shared folder) or ``<domain>_texts.txt`` (upstream)."""
+    for name in (f"{domain}.txt", f"{domain}_texts.txt"):
+        if (corpus_dir / name).is_file():
+            return corpus_dir / name
+    return None
+
+
+def verify_corpus(corpus_dir: str | Path) -> dict[str, Path]:
+    """Check that ``corpus_dir`` holds the four domain files with the pinned sha256; return them by domain."""
+    corpus_dir = Path(corpus_dir).expanduser()
+    if not corpus_dir.is_dir():
+        raise UserError(f"corpus directory {corpus_dir} does not exist")
+    files: dict[str, Path] = {}
+    for domain in DOMAINS:
+        path = corpus_file(corpus_dir, domain)
+        if path is None:
+            raise UserError(f"corpus directory {corpus_dir} lacks {domain}.txt (or {domain}_texts.txt)")
+        if path.stat().st_size == 0:
+            raise UserError(f"corpus file {path} is empty")
+        digest = sha256_file(path)
+        if digest != CORPUS_SHA256[domain]:
+            raise UserError(f"sha256 mismatch for {path}: got {digest}, expected {CORPUS_SHA256[domain]}")
+        files[domain] = path
+    return files
+
+
+def download_corpus(dest: Path, base_url: str | None = None) -> Path:
+    """Download the four domain files at the pinned commit into ``dest``, sha256-verified, all or nothing."""
+    base_url = (base_url or os.environ.get(ENV_CORPUS_URL) or CORPUS_BASE_URL).rstrip("/")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        for domain in DOMAINS:
+            url = f"{base_url}/{domain}_texts.txt"
+            log.info("downloading %s", url)
+            target = tmp / f"{domain}.txt"
+            with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as out:
+                shutil.copyfileobj(response, out)
+            digest = sha256_file(target)
+            if digest != CORPUS_SHA256[domain]:
+                raise UserError(f"sha256 mismatch for {url}: got {digest}, expected {CORPUS_SHA256[domain]}")
+        if dest.exists():  # a concurrent download finished first; keep it (it was verified too)
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(dest)
+        return dest
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_corpus(corpus: str | Path | None = None) -> Path:
+    """Find the shared corpus: ``corpus`` / ``$DROP_UPCYCLING_CORPUS`` / user cache / download; sha256-verified.
+
+    An explicit path (argument or environment) is never second-guessed: if it is wrong, that is the
+    error, rather than silently falling back to a different copy.
+    """
+    explicit = corpus if corpus is not None else os.environ.get(ENV_CORPUS) or None
+    if explicit is not None:
+        verify_corpus(explicit)
+        return Path(explicit).expanduser()
+    cached = cache_root() / "corpus"
+    if cached.is_dir():
+        verify_corpus(cached)
+        return cached
+    try:
+        download_corpus(cached)
+    except (urllib.error.URLError, OSError) as e:
+        raise UserError(
+            f"no corpus found: pass --corpus DIR, set ${ENV_CORPUS}, put the four files in {cached}, or allow "
+            f"network access to download them from {CORPUS_BASE_URL} ({e})"
+        ) from e
+    verify_corpus(cached)
+    return cached
+
+
+# ---------------------------------------------------------------------------- documents and splits
+def read_documents(path: Path, unit: str) -> Iterator[str]:
+    """Documents of one corpus file: each non-blank line (``line``) or each blank-line-separated block (``block``)."""
+    text = path.read_text(encoding="utf-8")
+    parts = text.split("\n") if unit == "line" else re.split(r"\n[ \t\r]*\n", text)
+    for part in parts:
+        part = part.strip("\n")
+        if part.strip():
+            yield part
+
+
+def split_of(text: str, seed: int, val_fraction: float, test_fraction: float) -> str:
+    """Split of a document, a pure function of (seed, text): reruns, orders and duplicates all agree."""
+    digest = hashlib.sha256(f"{seed}\x00{text}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "validation"
+    return "train"
+
+
+def write_splits(
+    docs_by_domain: dict[str, Iterable[str]],
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    val_fraction: float = 0.05,
+    test_fraction: float = 0.05,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``{split}/{domain}.jsonl`` (``text``, ``domain``, ``id``) from any texts, deduplicated per domain.
+
+    This is where other corpora plug in: pass e.g. ``{"ja": (d.text for d in JsonlReader(...)())}``
+    for each domain (datatrove's JsonlReader / ParquetReader / HuggingFaceDatasetReader all yield
+    documents with ``.text``).
+    """
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise UserError(f"val/test fractions must be in [0, 1) with sum < 1, got {val_fraction}, {test_fraction}")
+    if not docs_by_domain:
+        raise UserError("no domains given")
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        counts: dict[str, dict[str, int]] = {s: {} for s in SPLITS}
+        for split in SPLITS:
+            (tmp / split).mkdir()
+        for domain, docs in docs_by_domain.items():
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", domain):
+                raise UserError(f"domain name {domain!r} must be letters, digits, '_', '.', '-'")
+            seen: set[bytes] = set()
+            n = dict.fromkeys(SPLITS, 0)
+            with contextlib.ExitStack() as stack:
+                handles = {s: stack.enter_context(open(tmp / s / f"{domain}.jsonl", "w", encoding="utf-8"))
+                           for s in SPLITS}
+                for i, text in enumerate(docs):
+                    key = hashlib.sha256(text.encode()).digest()
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    split = split_of(text, seed, val_fraction, test_fraction)
+                    record = {"text": text, "domain": domain, "id": f"{domain}-{i:08d}"}
+                    handles[split].write(json.dumps(record, ensure_ascii=False) + "\n")
+                    n[split] += 1
+            fractions = {"train": 1.0, "validation": val_fraction, "test": test_fraction}
+            for split in SPLITS:
+                if n[split] == 0 and fractions[split] > 0:
+                    raise UserError(f"domain {domain} has zero documents in the {split} split (of {sum(n.values())})")
+                counts[split][domain] = n[split]
+        write_json(tmp / "splits.json", {"seed": seed, "val_fraction": val_fraction,
+                                         "test_fraction": test_fraction, "documents": counts})
+        log.info("documents per split: %s", counts)
+    return Path(out_dir)
+
+
+def prepare_corpus(
+    corpus_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    val_fraction: float = 0.05,
+    test_fraction: float = 0.05,
+    max_docs_per_domain: int | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """The verified shared corpus -> JSONL splits (``out_dir/{train,validation,test}/{domain}.jsonl``).
+
+    ``max_docs_per_domain`` keeps the first N documents of each domain (quick runs and tests).
+    """
+    files = verify_corpus(corpus_dir)
+
+    def docs(domain: str) -> Iterator[str]:
+        for i, text in enumerate(read_documents(files[domain], DOC_UNITS[domain])):
+            if max_docs_per_domain is not None and i >= max_docs_per_domain:
+                return
+            yield text
+
+    return write_splits({d: docs(d) for d in DOMAINS}, out_dir, seed=seed, val_fraction=val_fraction,
+                        test_fraction=test_fraction, overwrite=overwrite)
+
+
+def jsonl_files(split_dir: Path, domain: str) -> list[Path]:
+    """Input files of one domain in one split: ``{domain}.jsonl`` or a folder ``{domain}/*.jsonl[.gz]``."""
+    single = split_dir / f"{domain}.jsonl"
+    if single.is_file():
+        return [single]
+    folder = split_dir / domain
+    return sorted(p for p in folder.glob("*.jsonl*") if p.is_file()) if folder.is_dir() else []
+
+
+def split_domains(split_dir: Path) -> list[str]:
+    """Domains present in a split folder, in a fixed order (the shared corpus order first)."""
+    names = {p.name.split(".jsonl")[0] if p.is_file() else p.name for p in split_dir.iterdir()
+             if (p.is_file() and ".jsonl" in p.name) or p.is_dir()}
+    return [d for d in DOMAINS if d in names] + sorted(names - set(DOMAINS))
+
+
+# ---------------------------------------------------------------------------- tokenizer
+def _iter_texts(train_dir: Path, max_chars_per_domain: int | None) -> Iterator[str]:
+    import gzip
+
+    for domain in split_domains(train_dir):
+        chars = 0
+        for path in jsonl_files(train_dir, domain):
+            opener = gzip.open if path.suffix == ".gz" else open
+            with opener(path, "rt", encoding="utf-8") as f:
+                for line in f:
+                    text = json.loads(line)["text"]
+                    yield text
+                    chars += len(text)
+                    if max_chars_per_domain is not None and chars >= max_chars_per_domain:
+                        break
+            if max_chars_per_domain is not None and chars >= max_chars_per_domain:
+                break
+
+
+def train_tokenizer(
+    train_dir: str | Path,
+    out_dir: str | Path,
+    vocab_size: int = 8192,
+    *,
+    max_chars_per_domain: int | None = 2_000_000,
+    overwrite: bool = False,
+) -> Path:
+    """Train a byte-level BPE on the train split and save it with the HF tokenizer files.
+
+    Byte-level means every string round-trips exactly and no text is ever ``<unk>``. No
+    normalizer and no post-processor: the tokenizer maps text to tokens and back, and the data
+    pipeline appends ``<|endoftext|>`` between documents itself. ``max_chars_per_domain`` caps each
+    domain's share of the training text, which bounds the time and keeps one big domain from owning
+    the vocabulary. The result is deterministic for the same inputs and options (tokenizers' BPE
+    trainer breaks ties by pair order).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    train_dir = Path(train_dir)
+    if not train_dir.is_dir() or not split_domains(train_dir):
+        raise UserError(f"{train_dir} holds no <domain>.jsonl files (run `drop-upcycling data corpus` first)")
+    if not 512 <= vocab_size <= 2**32:
+        raise UserError(f"vocab size must be at least 512 (256 bytes + merges), got {vocab_size}")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_iter_texts(train_dir, max_chars_per_domain), trainer=trainer)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        tokenizer.save(str(tmp / "tokenizer.json"))
+        write_hf_tokenizer_files(tmp, model_max_length=1 << 20)
+    log.info("tokenizer with %d tokens saved to %s", tokenizer.get_vocab_size(), out_dir)
+    return Path(out_dir)
+
+
+def write_hf_tokenizer_files(out_dir: Path, model_max_length: int) -> None:
+    """``tokenizer_config.json`` + ``special_tokens_map.json`` so AutoTokenizer (and lm-eval) load tokenizer.json."""
+    special = {"bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": PAD_TOKEN}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **special,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": model_max_length,
+    }
+    write_json(out_dir / "tokenizer_config.json", config)
+    write_json(out_dir / "special_tokens_map.json", special)
+
+
+def tokenizer_vocab_size(tokenizer_dir: str | Path) -> int:
+    from tokenizers import Tokenizer
+
+    path = Path(tokenizer_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"{path} does not exist (train one with `drop-upcycling data tokenizer`)")
+    return Tokenizer.from_file(str(path)).get_vocab_size()
+
+
+def check_vocab(tokenizer_dir: str | Path, model_vocab_size: int) -> int:
+    """Fail if the tokenizer can emit ids the model has no embedding for; return the tokenizer's size."""
+    size = tokenizer_vocab_size(tokenizer_dir)
+    if size > model_vocab_size:
+        raise UserError(f"tokenizer {tokenizer_dir} has {size} tokens, more than the model's vocab of {model_vocab_size}")
+    return size
+
+
+# ---------------------------------------------------------------------------- datatrove shards
+class _ShardJobs:
+    """One datatrove task = one (split, domain, file shard): ``JsonlReader`` -> ``DocumentTokenizer``.
+
+    All (split, domain) pairs share ONE :class:`LocalPipelineExecutor`, so ``workers`` run domains in
+    parallel and one completion log covers everything; ``tasks`` splits each domain's files further.
+    """
+
+    def __init__(self, jobs: list[tuple[str, str, str, str]], tasks: int, tokenizer_json: str, out_dir: str):
+        self.jobs, self.tasks, self.tokenizer_json, self.out_dir = jobs, tasks, tokenizer_json, out_dir
+
+    def __call__(self, data: object, rank: int = 0, world_size: int = 1) -> None:
+        from datatrove.pipeline.readers import JsonlReader
+        from datatrove.pipeline.tokens import DocumentTokenizer
+
+        job, sub = divmod(rank, self.tasks)
+        split, domain, folder, glob = self.jobs[job]
+        reader = JsonlReader(folder, glob_pattern=glob, text_key="text", id_key="id", doc_progress=False)
+        writer = DocumentTokenizer(
+            output_folder=str(Path(self.out_dir) / split / domain),
+            tokenizer_name_or_path=self.tokenizer_json,
+            save_filename=domain,
+            eos_token=EOS_TOKEN,
+            shuffle_documents=False,
+            batch_size=1000,
+        )
+        writer(reader(None, sub, self.tasks), sub, self.tasks)
+
+
+def tokenize_shards(
+    jsonl_dir: str | Path,
+    tokenizer_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    tasks: int = 1,
+    workers: int = 1,
+    splits: Iterable[str] = SPLITS,
+) -> Path:
+    """datatrove ``JsonlReader -> DocumentTokenizer`` per (split, domain) into ``out_dir/{split}/{domain}/*.ds``.
+
+    Each document is followed by ``<|endoftext|>``. Runs in place (not atomically) so that a rerun
+    skips what finished: the executor's ``logs/completions`` mark finished tasks and a task killed
+    midway is redone from scratch. ``DONE`` is written last; readers check it. ``tasks`` > 1 helps
+    when a domain is a folder of many JSONL files (datatrove splits work by file); ``workers`` runs
+    tasks in parallel processes.
+    """
+    from datatrove.executor import LocalPipelineExecutor
+
+    jsonl_dir, out_dir = Path(jsonl_dir), Path(out_dir)
+    tokenizer_json = Path(tokenizer_dir) / "tokenizer.json"
+    if not tokenizer_json.is_file():
+        raise UserError(f"{tokenizer_json} does not exist (train one with `drop-upcycling data tokenizer`)")
+    if tasks < 1 or workers < 1:
+        raise UserError(f"tasks and workers must be >= 1, got {tasks}, {workers}")
+    jobs = []
+    for split in splits:
+        if not (jsonl_dir / split).is_dir():
+            raise UserError(f"{jsonl_dir / split} does not exist (run `drop-upcycling data corpus` first)")
+        for domain in split_domains(jsonl_dir / split):
+            files = jsonl_files(jsonl_dir / split, domain)
+            if not files:
+                raise UserError(f"{jsonl_dir / split} has no JSONL files for domain {domain}")
+            single = len(files) == 1 and files[0].parent == jsonl_dir / split
+            jobs.append((split, domain, str(files[0].parent), files[0].name if single else "*.jsonl*"))
+    if not jobs:
+        raise UserError(f"{jsonl_dir} holds no JSONL documents")
+    done = out_dir / "DONE"
+    if done.is_file():
+        recorded = json.loads(done.read_text())
+        if recorded.get("jobs") != [list(j[:2]) for j in jobs] or recorded.get("tasks") != tasks:
+            raise UserError(f"{out_dir} holds shards of other inputs or --tasks; choose a new --out")
+    done.unlink(missing_ok=True)
+    executor = LocalPipelineExecutor(
+        [_ShardJobs(jobs, tasks, str(tokenizer_json), str(out_dir))],
+        tasks=len(jobs) * tasks, workers=min(workers, len(jobs) * tasks), logging_dir=str(out_dir / "logs"),
+    )
+    executor.run()
+    write_json(done, {"tokenizer_sha256": sha256_file(tokenizer_json), "tasks": tasks,
+                      "jobs": [list(j[:2]) for j in jobs]})
+    return out_dir

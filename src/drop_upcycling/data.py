@@ -1,0 +1,440 @@
+"""Training and evaluation data: the prepared corpus cache and the sharded, resumable token reader.
+
+:func:`prepare_all` chains the build steps of :mod:`drop_upcycling.data_pipeline` (corpus ->
+JSONL splits -> tokenizer -> datatrove ``.ds`` shards) into one cache directory keyed by a hash of
+the corpus sha256s and the options, built in a temp dir and renamed, so concurrent or killed runs
+never leave a half cache and every caller (training, evaluation, routing) gets the same data.
+
+:class:`TokenSequenceReader` reads datatrove's ``DocumentTokenizer`` output directly: ``X.ds`` is the
+documents' tokens back to back (little-endian uint16 when the vocab fits 65,536 ids, else uint32),
+each followed by ``<|endoftext|>``; ``X.ds.index`` holds the cumulative token count at each document
+end (uint64); ``X.ds.metadata`` says ``<tokenizer>|<token bytes>``. Files are memory-mapped, so a
+reader costs no RAM beyond one epoch's permutation per domain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import write_json
+from .data_pipeline import (
+    CORPUS_BASE_URL,
+    CORPUS_COMMIT,
+    CORPUS_SHA256,
+    CORPUS_URLS,
+    DOMAINS,
+    EOS_TOKEN,
+    PAD_TOKEN,
+    SPLITS,
+    cache_root,
+    check_vocab,
+    download_corpus,
+    jsonl_files,
+    prepare_corpus,
+    resolve_corpus,
+    split_domains,
+    tokenize_shards,
+    train_tokenizer,
+    verify_corpus,
+    write_splits,
+)
+from .errors import UserError
+
+__all__ = [
+    "CORPUS_BASE_URL", "CORPUS_COMMIT", "CORPUS_SHA256", "CORPUS_URLS", "DOMAINS", "EOS_TOKEN", "PAD_TOKEN",
+    "SPLITS", "PreparedData", "TokenSequenceReader", "check_vocab", "configure_parser", "download_corpus",
+    "iter_documents", "iter_domain_sequences", "prepare_all", "prepare_corpus", "read_shard",
+    "resolve_corpus", "run", "split_domains", "tokenize_shards", "train_tokenizer", "verify_corpus",
+    "write_splits",
+]
+
+log = logging.getLogger(__name__)
+
+DATA_FORMAT_VERSION = 1  # bump when the build steps change what they write
+PREPARED_FILE = "prepared.json"
+DEFAULT_VAL_FRACTION = 0.05
+DEFAULT_TEST_FRACTION = 0.05
+
+
+# ---------------------------------------------------------------------------- the prepared cache
+@dataclass(frozen=True)
+class PreparedData:
+    """A finished :func:`prepare_all` directory: JSONL splits, tokenizer and ``.ds`` shards."""
+
+    root: Path
+    splits_dir: Path
+    tokenizer_dir: Path
+    shards_dir: Path
+    domains: tuple[str, ...] = DOMAINS
+
+    @classmethod
+    def load(cls, root: str | Path) -> PreparedData:
+        root = Path(root)
+        meta_path = root / PREPARED_FILE
+        if not meta_path.is_file():
+            raise UserError(f"{root} is not a prepared data directory (no {PREPARED_FILE})")
+        meta = json.loads(meta_path.read_text())
+        return cls(root, root / "splits", root / "tokenizer", root / "shards", tuple(meta["domains"]))
+
+    def shard_files(self, split: str, domain: str) -> list[Path]:
+        """The ``.ds`` files of one domain in one split, in a fixed order."""
+        if split not in SPLITS:
+            raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        if domain not in self.domains:
+            raise UserError(f"unknown domain {domain!r} (known: {', '.join(self.domains)})")
+        files = sorted((self.shards_dir / split / domain).glob("*.ds"))
+        if not files:
+            raise UserError(f"no .ds shards for {split}/{domain} under {self.shards_dir}")
+        return files
+
+    def files_by_domain(self, split: str, domains: list[str] | tuple[str, ...] | None = None) -> dict[str, list[Path]]:
+        return {d: self.shard_files(split, d) for d in (domains or self.domains)}
+
+    @property
+    def vocab_size(self) -> int:
+        return check_vocab(self.tokenizer_dir, 2**32)
+
+
+def _cache_key(corpus_sha: dict[str, str], options: dict) -> str:
+    blob = json.dumps({"format": DATA_FORMAT_VERSION, "corpus": corpus_sha, **options}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def prepare_all(
+    corpus: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    vocab_size: int = 8192,
+    seed: int = 0,
+    *,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    test_fraction: float = DEFAULT_TEST_FRACTION,
+    max_docs_per_domain: int | None = None,
+    workers: int = 1,
+) -> PreparedData:
+    """Corpus -> splits -> tokenizer -> shards, once per (corpus, options); later calls return the cache.
+
+    ``cache_dir`` defaults to ``$DROP_UPCYCLING_CACHE/data`` (``~/.cache/drop_upcycling/data``). The
+    result lives in ``cache_dir/prepared-<hash>``; it is built in a sibling temp dir and renamed,
+    and if another process finished first its copy is kept and ours discarded.
+    """
+    corpus_dir = resolve_corpus(corpus)
+    options = {"vocab_size": vocab_size, "seed": seed, "val_fraction": val_fraction,
+               "test_fraction": test_fraction, "max_docs_per_domain": max_docs_per_domain}
+    key = _cache_key(dict(CORPUS_SHA256), options)
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "data"
+    root = cache / f"prepared-{key}"
+    if (root / PREPARED_FILE).is_file():
+        return PreparedData.load(root)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".prepared-{key}.tmp-", dir=cache))
+    try:
+        log.info("preparing data in %s (corpus %s)", root, corpus_dir)
+        prepare_corpus(corpus_dir, tmp / "splits", seed=seed, val_fraction=val_fraction,
+                       test_fraction=test_fraction, max_docs_per_domain=max_docs_per_domain)
+        train_tokenizer(tmp / "splits" / "train", tmp / "tokenizer", vocab_size=vocab_size)
+        tokenize_shards(tmp / "splits", tmp / "tokenizer", tmp / "shards", workers=workers)
+        write_json(tmp / PREPARED_FILE, {"key": key, "corpus_sha256": CORPUS_SHA256, "options": options,
+                                         "domains": list(DOMAINS)})
+        try:
+            tmp.rename(root)
+        except OSError:
+            if not (root / PREPARED_FILE).is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # a concurrent run finished first
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return PreparedData.load(root)
+
+
+# ---------------------------------------------------------------------------- one shard
+def read_shard(path: str | Path) -> np.ndarray:
+    """Memory-map one datatrove ``.ds`` file after checking it against its ``.index`` (and ``.metadata``).
+
+    The index's last entry is the file's token count, so a truncated ``.ds``, a truncated index or a
+    pair from different runs is detected here instead of becoming silently wrong training data.
+    """
+    path = Path(path)
+    index = path.with_name(path.name + ".index")
+    if not path.is_file():
+        raise UserError(f"shard {path} does not exist")
+    if not index.is_file():
+        raise UserError(f"shard {path} has no {index.name}")
+    index_bytes, data_bytes = index.stat().st_size, path.stat().st_size
+    if index_bytes % 8:
+        raise UserError(f"{index} is truncated ({index_bytes} bytes, not a multiple of 8)")
+    if index_bytes == 0:
+        if data_bytes:
+            raise UserError(f"{index} is empty but {path} holds {data_bytes} bytes")
+        return np.zeros(0, dtype=np.uint16)
+    ends = np.fromfile(index, dtype="<u8")
+    if np.any(np.diff(ends.astype(np.int64)) < 0):
+        raise UserError(f"{index} is corrupt (document ends are not increasing)")
+    n_tokens = int(ends[-1])
+    token_bytes = _token_bytes(path, n_tokens, data_bytes)
+    if n_tokens * token_bytes != data_bytes:
+        raise UserError(f"{path} is truncated or does not match its index: {data_bytes} bytes, "
+                        f"index says {n_tokens} tokens x {token_bytes} bytes")
+    if n_tokens == 0:
+        return np.zeros(0, dtype=np.uint16)
+    return np.memmap(path, dtype="<u2" if token_bytes == 2 else "<u4", mode="r")
+
+
+def _token_bytes(path: Path, n_tokens: int, data_bytes: int) -> int:
+    meta = path.with_name(path.name + ".metadata")
+    if meta.is_file():
+        first = meta.read_text().split("\n", 1)[0]
+        size = first.rsplit("|", 1)[-1]
+        if size not in ("2", "4"):
+            raise UserError(f"{meta} gives token size {size!r}, expected 2 or 4")
+        return int(size)
+    if n_tokens and data_bytes == 4 * n_tokens:
+        return 4
+    return 2
+
+
+# ---------------------------------------------------------------------------- the training reader
+def _domain_salt(domain: str) -> int:
+    """A per-domain RNG key that does not depend on which other domains are mixed in."""
+    return int.from_bytes(hashlib.sha256(domain.encode()).digest()[:4], "little")
+
+
+class _DomainSequences:
+    """All fixed-length sequences of one domain: sequence ``g`` -> tokens, across its files."""
+
+    def __init__(self, domain: str, files: list[Path], seq_len: int) -> None:
+        if not files:
+            raise UserError(f"domain {domain} has no shard files")
+        self.arrays = [read_shard(f) for f in files]
+        counts = np.array([len(a) // seq_len for a in self.arrays], dtype=np.int64)
+        self.ends = np.cumsum(counts)
+        self.size = int(self.ends[-1])
+        self.seq_len = seq_len
+
+    def get(self, g: int, out: np.ndarray) -> None:
+        f = int(np.searchsorted(self.ends, g, side="right"))
+        local = g - (int(self.ends[f - 1]) if f else 0)
+        out[:] = self.arrays[f][local * self.seq_len:(local + 1) * self.seq_len]
+
+
+class TokenSequenceReader:
+    """Endless, deterministic, rank-sharded, resumable stream of ``seq_len``-token sequences.
+
+    Each domain's shards are cut into non-overlapping ``seq_len`` windows (a file's last partial
+    window is dropped). Per domain and epoch, the windows are permuted by
+    ``(seed, domain, epoch)`` and rank ``r`` of ``world_size`` takes permutation positions
+    ``r, r + W, r + 2W, ...``: within an epoch every sequence goes to exactly one rank. Domains
+    are interleaved by a deterministic weighted round-robin (each next sample goes to the domain
+    furthest below its share), so the mix matches ``weights`` at every step, on every rank, with
+    no random state. The whole position is the number of sequences taken from each domain, which is
+    what :meth:`state_dict` saves; resuming from it continues with the very next sequence.
+    ``weights`` default to the domains' sizes (the natural mix); a weight of 0 drops a domain.
+    """
+
+    def __init__(self, files_by_domain: dict[str, list[Path]], seq_len: int, *,
+                 weights: dict[str, float] | None = None, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        if seq_len < 1:
+            raise UserError(f"seq_len must be >= 1, got {seq_len}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise UserError(f"rank must be in [0, world_size), got rank {rank} of {world_size}")
+        if not files_by_domain:
+            raise UserError("no domains to read")
+        self.seq_len, self.seed, self.rank, self.world_size = seq_len, seed, rank, world_size
+        self._data = {d: _DomainSequences(d, [Path(p) for p in files], seq_len) for d, files in files_by_domain.items()}
+        self.weights = self._normalize_weights(weights)
+        self.domains = [d for d in self._data if self.weights[d] > 0]
+        for d in self.domains:
+            if self._data[d].size < world_size:
+                raise UserError(f"domain {d} has {self._data[d].size} sequences of {seq_len} tokens, fewer than "
+                                f"the {world_size} ranks (use shorter sequences, fewer ranks, or weight 0)")
+        self._consumed = dict.fromkeys(self.domains, 0)
+        self._perms: dict[str, tuple[int, np.ndarray]] = {}
+
+    def _normalize_weights(self, weights: dict[str, float] | None) -> dict[str, float]:
+        if weights is None:
+            raw = {d: float(s.size) for d, s in self._data.items()}
+        else:
+            unknown = sorted(set(weights) - set(self._data))
+            if unknown:
+                raise UserError(f"weights name domain(s) without data: {', '.join(unknown)}")
+            raw = {d: float(weights.get(d, 0.0)) for d in self._data}
+            if any(w < 0 or not np.isfinite(w) for w in raw.values()):
+                raise UserError(f"domain weights must be finite and >= 0, got {weights}")
+        total = sum(raw.values())
+        if total <= 0:
+            raise UserError("domain weights sum to zero (or every domain is shorter than one sequence)")
+        for d, w in raw.items():
+            if w > 0 and self._data[d].size == 0:
+                raise UserError(f"domain {d} has weight {w} but no sequence of {self.seq_len} tokens")
+        return {d: w / total for d, w in raw.items()}
+
+    # -- sizes and positions
+    def sequences(self, domain: str) -> int:
+        """Sequences of ``domain`` in one epoch, over all ranks."""
+        return self._data[domain].size
+
+    def _rank_share(self, domain: str) -> int:
+        n, w, r = self._data[domain].size, self.world_size, self.rank
+        return (n - r + w - 1) // w
+
+    def epoch(self, domain: str) -> int:
+        return self._consumed[domain] // self._rank_share(domain)
+
+    def _permutation(self, domain: str, epoch: int) -> np.ndarray:
+        cached = self._perms.get(domain)
+        if cached is None or cached[0] != epoch:
+            rng = np.random.default_rng([self.seed, _domain_salt(domain), epoch])
+            cached = (epoch, rng.permutation(self._data[domain].size))
+            self._perms[domain] = cached
+        return cached[1]
+
+    def _next_domain(self) -> str:
+        k = sum(self._consumed.values()) + 1
+        return max(self.domains, key=lambda d: (self.weights[d] * k - self._consumed[d], -self.domains.index(d)))
+
+    def _take(self, out: np.ndarray) -> str:
+        domain = self._next_domain()
+        c = self._consumed[domain]
+        epoch, j = divmod(c, self._rank_share(domain))
+        g = int(self._permutation(domain, epoch)[self.rank + j * self.world_size])
+        self._data[domain].get(g, out)
+        self._consumed[domain] = c + 1
+        return domain
+
+    def next_sequence_id(self) -> tuple[str, int]:
+        """(domain, sequence index) the next call will return, without consuming it (for tests/logs)."""
+        domain = self._next_domain()
+        epoch, j = divmod(self._consumed[domain], self._rank_share(domain))
+        return domain, int(self._permutation(domain, epoch)[self.rank + j * self.world_size])
+
+    # -- reading
+    def next_batch(self, batch_size: int) -> torch.Tensor:
+        """``LongTensor[batch_size, seq_len]`` of the next sequences of this rank."""
+        buf = np.empty((batch_size, self.seq_len), dtype=np.int64)
+        for i in range(batch_size):
+            self._take(buf[i])
+        return torch.from_numpy(buf)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        while True:
+            buf = np.empty(self.seq_len, dtype=np.int64)
+            self._take(buf)
+            yield torch.from_numpy(buf)
+
+    # -- checkpointing
+    def state_dict(self) -> dict:
+        """JSON-serializable position; everything else is recomputed from the files and the seed."""
+        return {"version": 1, "seq_len": self.seq_len, "seed": self.seed, "rank": self.rank,
+                "world_size": self.world_size, "sizes": {d: self._data[d].size for d in self.domains},
+                "weights": {d: self.weights[d] for d in self.domains}, "consumed": dict(self._consumed)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at ``state``'s position; the data, seed, ranks and mix must be the ones it was saved with."""
+        mine = self.state_dict()
+        for field in ("seq_len", "seed", "rank", "world_size", "sizes"):
+            if state.get(field) != mine[field]:
+                raise UserError(f"reader state does not match this data: {field} was {state.get(field)}, "
+                                f"now {mine[field]}")
+        if set(state.get("weights", {})) != set(self.domains) or any(
+                abs(state["weights"][d] - self.weights[d]) > 1e-12 for d in self.domains):
+            raise UserError(f"reader state was saved with domain weights {state.get('weights')}, now {self.weights}")
+        self._consumed = {d: int(state["consumed"][d]) for d in self.domains}
+
+
+# ---------------------------------------------------------------------------- evaluation iterators
+def iter_domain_sequences(prepared: PreparedData, split: str, domain: str, seq_len: int,
+                          max_tokens: int | None = None) -> Iterator[torch.Tensor]:
+    """Consecutive ``seq_len``-token windows of one domain's shards, in file order (no shuffle).
+
+    Files are read as one stream (a window may span two files); the last partial window is dropped;
+    ``max_tokens`` stops before a window that would exceed it.
+    """
+    if seq_len < 1:
+        raise UserError(f"seq_len must be >= 1, got {seq_len}")
+    limit = None if max_tokens is None else max_tokens // seq_len
+    carry = np.zeros(0, dtype=np.int64)
+    n = 0
+    for path in prepared.shard_files(split, domain):
+        tokens = np.concatenate([carry, np.asarray(read_shard(path), dtype=np.int64)])
+        full = len(tokens) // seq_len
+        for i in range(full):
+            if limit is not None and n >= limit:
+                return
+            yield torch.from_numpy(tokens[i * seq_len:(i + 1) * seq_len].copy())
+            n += 1
+        carry = tokens[full * seq_len:]
+
+
+def iter_documents(prepared: PreparedData, split: str, domain: str) -> Iterator[str]:
+    """The raw text of each document of one domain in one split, in file order."""
+    if split not in SPLITS:
+        raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    files = jsonl_files(Path(prepared.splits_dir) / split, domain)
+    if not files:
+        raise UserError(f"no documents for {split}/{domain} under {prepared.splits_dir}")
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                yield json.loads(line)["text"]
+
+
+# ---------------------------------------------------------------------------- CLI
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="step", required=True, metavar="STEP")
+    p = sub.add_parser("corpus", help="verify (or download) the corpus and write JSONL train/validation/test splits")
+    p.add_argument("--corpus", type=Path, metavar="DIR", help="corpus folder (default: $DROP_UPCYCLING_CORPUS, "
+                   "the user cache, else download)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p.add_argument("--seed", type=int, default=0, help="salt of the document-hash split")
+    p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION)
+    p.add_argument("--test-fraction", type=float, default=DEFAULT_TEST_FRACTION)
+    p.add_argument("--max-docs-per-domain", type=int, help="keep the first N documents per domain (quick runs)")
+    p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("tokenizer", help="train a byte-level BPE on the train split")
+    p.add_argument("--train", type=Path, required=True, metavar="DIR", help="the train split folder (<domain>.jsonl)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("tokenize", help="datatrove: JSONL splits -> .ds token shards per split and domain")
+    p.add_argument("--splits", type=Path, required=True, metavar="DIR", help="folder with train/ validation/ test/")
+    p.add_argument("--tokenizer", type=Path, required=True, metavar="DIR", help="folder with tokenizer.json")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p.add_argument("--tasks", type=int, default=1, help="datatrove tasks per (split, domain) (split by input file)")
+    p.add_argument("--workers", type=int, default=1, help="tasks run in parallel")
+    p = sub.add_parser("prepare", help="all three steps into the cache (what training and evaluation use)")
+    p.add_argument("--corpus", type=Path, metavar="DIR")
+    p.add_argument("--cache-dir", type=Path, metavar="DIR", help="default $DROP_UPCYCLING_CACHE/data")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.step == "corpus":
+        corpus = resolve_corpus(args.corpus)
+        out = prepare_corpus(corpus, args.out, seed=args.seed, val_fraction=args.val_fraction,
+                             test_fraction=args.test_fraction, max_docs_per_domain=args.max_docs_per_domain,
+                             overwrite=args.overwrite)
+        print(json.dumps(json.loads((out / "splits.json").read_text())["documents"]))
+    elif args.step == "tokenizer":
+        out = train_tokenizer(args.train, args.out, vocab_size=args.vocab_size, overwrite=args.overwrite)
+        print(f"{out}: {check_vocab(out, 2**32)} tokens")
+    elif args.step == "tokenize":
+        out = tokenize_shards(args.splits, args.tokenizer, args.out, tasks=args.tasks, workers=args.workers)
+        print(out)
+    else:
+        prepared = prepare_all(args.corpus, args.cache_dir, vocab_size=args.vocab_size, seed=args.seed,
+                               workers=args.workers)
+        print(prepared.root)
+    return 0

@@ -267,14 +267,13 @@ def test_count_routing_refuses_dense(tiny_dense_dir: Path) -> None:
 
 # ---------------------------------------------------------------------------- routing CKPT (CLI)
 @pytest.fixture(scope="module")
-def small_split(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(prepared splits folder, tokenizer dir) from the first documents of each corpus domain."""
-    from drop_upcycling.data_pipeline import prepare_corpus, train_tokenizer
+def small_split(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(prepared data root, its splits folder, its tokenizer dir) from the first documents of each domain."""
+    from drop_upcycling.data import prepare_all
 
-    root = tmp_path_factory.mktemp("data")
-    splits = prepare_corpus(corpus_dir, root / "splits", max_docs_per_domain=150, test_fraction=0.2)
-    tok = train_tokenizer(splits / "train", root / "tok", vocab_size=512, max_chars_per_domain=100_000)
-    return splits, tok
+    prepared = prepare_all(corpus=corpus_dir, cache_dir=tmp_path_factory.mktemp("data"), vocab_size=512,
+                           max_docs_per_domain=150, test_fraction=0.2)
+    return Path(prepared.root), Path(prepared.splits_dir), Path(prepared.tokenizer_dir)
 
 
 def test_routing_cli_counts_test_split(small_split: tuple[Path, Path], tiny_moe_dir: Path, tmp_path: Path) -> None:
@@ -284,7 +283,7 @@ def test_routing_cli_counts_test_split(small_split: tuple[Path, Path], tiny_moe_
     from drop_upcycling.checkpoint import load_model
     from drop_upcycling.routing import count_checkpoint
 
-    splits, tok_dir = small_split
+    _, splits, tok_dir = small_split
     out = tmp_path / "counts"
     budget, chunk = 300, 128
     rc = main(["routing", str(tiny_moe_dir), "--out", str(out), "--splits", str(splits), "--tokenizer", str(tok_dir),
@@ -317,7 +316,7 @@ def test_routing_cli_counts_test_split(small_split: tuple[Path, Path], tiny_moe_
 
 def test_routing_cli_errors(small_split: tuple[Path, Path], tiny_moe_dir: Path, tiny_dense_dir: Path,
                             tmp_path: Path, capsys) -> None:
-    splits, tok_dir = small_split
+    _, splits, tok_dir = small_split
     common = ["--splits", str(splits), "--tokenizer", str(tok_dir)]
     assert main(["routing", str(tiny_dense_dir), "--out", str(tmp_path / "a"), *common]) == 2
     assert "dense model" in capsys.readouterr().err
@@ -327,3 +326,19 @@ def test_routing_cli_errors(small_split: tuple[Path, Path], tiny_moe_dir: Path, 
     assert "--tokenizer" in capsys.readouterr().err
     assert main(["routing", str(tmp_path / "nope"), "--out", str(tmp_path / "d"), *common]) == 2
     assert not (tmp_path / "b" / "routing_counts.csv").exists()
+
+
+def test_routing_cli_prepared_shards_match_text_path(small_split: tuple[Path, Path, Path], tiny_moe_dir: Path,
+                                                    tmp_path: Path) -> None:
+    """--data reads the pre-tokenized test shards; tokenizing the test documents gives the same stream,
+    so with a whole number of windows both paths count exactly the same tokens."""
+    root, splits, tok_dir = small_split
+    opts = ["--tokens-per-domain", "256", "--chunk-len", "128", "--domains", "c4", "code_stack"]
+    assert main(["routing", str(tiny_moe_dir), "--out", str(tmp_path / "shards"), "--data", str(root), *opts]) == 0
+    assert main(["routing", str(tiny_moe_dir), "--out", str(tmp_path / "text"), "--splits", str(splits),
+                 "--tokenizer", str(tok_dir), *opts]) == 0
+    meta = json.loads((tmp_path / "shards" / "routing_counts.json").read_text())
+    assert meta["source"] == "prepared test shards"
+    assert meta["tokens_per_domain"] == {"c4": 256, "code_stack": 256}
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "shards" / "routing_counts.csv"),
+                                  pd.read_csv(tmp_path / "text" / "routing_counts.csv"))

@@ -486,25 +486,28 @@ def _load_tokenizer(tokenizer_dir: Path, model_vocab: int):
     return tokenizer, tokenizer.token_to_id(EOS_TOKEN)
 
 
-def _resolve_inputs(args: argparse.Namespace, ckpt: Path, vocab_size: int) -> tuple[Path, Path]:
-    """(folder of the test split's ``<domain>.jsonl`` files, tokenizer dir) from the options.
+def _domain_sources(args: argparse.Namespace, ckpt: Path, vocab_size: int, chunk_len: int) -> tuple[dict, dict]:
+    """(domain -> iterator of token chunks, provenance) for the test split chosen by the options.
 
-    Text: ``--splits`` (a split folder, or a prepared folder with ``test/``), else the project's
-    prepared data (:func:`drop_upcycling.data.prepare_all`, test split). Tokenizer: ``--tokenizer``,
-    else the checkpoint's own tokenizer files, else the prepared data's tokenizer.
+    Text: ``--splits`` (a folder of ``<domain>.jsonl``, or one with ``test/``), else ``--data`` (a
+    prepared data directory), else the project's prepared data (:func:`drop_upcycling.data.prepare_all`,
+    built or reused). Tokenizer: ``--tokenizer``, else the checkpoint's own, else the prepared one.
+    When the tokenizer is the prepared data's, the already tokenized test shards are read
+    (:func:`drop_upcycling.data.iter_domain_sequences`, whole windows only); otherwise the test
+    documents are tokenized here (:func:`token_chunks`).
     """
+    from .data_pipeline import jsonl_files, sha256_file, split_domains
+
+    budget = args.tokens_per_domain
     prepared = None
-    if args.splits is not None:
-        split_dir = args.splits / "test" if (args.splits / "test").is_dir() else args.splits
-    else:
-        try:
-            from .data import prepare_all
-        except ImportError:
-            raise UserError("no --splits given and the data pipeline (drop_upcycling.data) is unavailable") from None
-        prepared = prepare_all(corpus=args.corpus, vocab_size=vocab_size)
-        split_dir = Path(prepared.splits_dir) / "test"
-    if not split_dir.is_dir():
-        raise UserError(f"{split_dir} is not a directory of <domain>.jsonl files")
+    if args.splits is None:
+        from . import data
+
+        if args.data is not None:
+            prepared = data.PreparedData.load(args.data)
+        else:
+            prepared = data.prepare_all(corpus=args.corpus, cache_dir=args.cache_dir,
+                                        vocab_size=args.vocab_size or vocab_size)
     if args.tokenizer is not None:
         tokenizer_dir = args.tokenizer
     elif (ckpt / "tokenizer.json").is_file():
@@ -515,7 +518,37 @@ def _resolve_inputs(args: argparse.Namespace, ckpt: Path, vocab_size: int) -> tu
         raise UserError(f"{ckpt} has no tokenizer.json: pass --tokenizer DIR")
     if not (tokenizer_dir / "tokenizer.json").is_file():
         raise UserError(f"{tokenizer_dir} has no tokenizer.json")
-    return split_dir, tokenizer_dir
+    tokenizer, eos_id = _load_tokenizer(tokenizer_dir, vocab_size)
+    tok_sha = sha256_file(tokenizer_dir / "tokenizer.json")
+    meta = {"tokenizer": str(tokenizer_dir.resolve()), "tokenizer_sha256": tok_sha}
+
+    if prepared is not None:
+        domains = list(args.domains or prepared.domains)
+        unknown = [d for d in domains if d not in prepared.domains]
+        if unknown:
+            raise UserError(f"unknown domain(s) {', '.join(unknown)} (prepared data has {', '.join(prepared.domains)})")
+        meta["data"] = str(Path(prepared.root).resolve())
+        if tok_sha == sha256_file(Path(prepared.tokenizer_dir) / "tokenizer.json"):
+            from .data import iter_domain_sequences
+
+            meta["source"] = "prepared test shards"
+            return {d: iter_domain_sequences(prepared, "test", d, chunk_len, max_tokens=budget) for d in domains}, meta
+        from .data import iter_documents
+
+        meta["source"] = "prepared test documents, tokenized with the checkpoint's tokenizer"
+        return {d: token_chunks(iter_documents(prepared, "test", d), tokenizer, chunk_len, budget, eos_id)
+                for d in domains}, meta
+
+    split_dir = args.splits / "test" if (args.splits / "test").is_dir() else args.splits
+    if not split_dir.is_dir():
+        raise UserError(f"{split_dir} is not a directory of <domain>.jsonl files")
+    domains = list(args.domains or split_domains(split_dir))
+    missing = [d for d in domains if not jsonl_files(split_dir, d)]
+    if missing or not domains:
+        raise UserError(f"{split_dir} has no <domain>.jsonl for: {', '.join(missing) or 'any domain'}")
+    meta.update(source="JSONL documents", split_dir=str(split_dir.resolve()))
+    return {d: token_chunks(read_jsonl_texts(jsonl_files(split_dir, d)), tokenizer, chunk_len, budget, eos_id)
+            for d in domains}, meta
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -525,9 +558,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help=f"tokens fed per domain (default {DEFAULT_TOKENS_PER_DOMAIN:,}, as in the paper)")
     parser.add_argument("--tokenizer", type=Path, metavar="DIR",
                         help="tokenizer dir (default: the checkpoint's, else the prepared data's)")
-    parser.add_argument("--splits", type=Path, metavar="DIR",
-                        help="a test split folder of <domain>.jsonl (default: the prepared corpus's test split)")
-    parser.add_argument("--corpus", type=Path, metavar="DIR", help="corpus folder for preparing the data")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--data", type=Path, metavar="DIR",
+                        help="a prepared data directory (drop-upcycling data ...); its test split is used")
+    source.add_argument("--splits", type=Path, metavar="DIR",
+                        help="a folder of <domain>.jsonl test documents (or one holding test/)")
+    parser.add_argument("--corpus", type=Path, metavar="DIR",
+                        help="corpus folder, when neither --data nor --splits is given (data is prepared once, cached)")
+    parser.add_argument("--cache-dir", type=Path, metavar="DIR", help="cache for the prepared data")
+    parser.add_argument("--vocab-size", type=int,
+                        help="tokenizer size when preparing data (default: the model's vocab, as training does)")
     parser.add_argument("--domains", nargs="+", help="domains to count (default: every domain of the split)")
     parser.add_argument("--chunk-len", type=int, default=DEFAULT_CHUNK,
                         help="tokens per forward pass (default 2048, capped at the model's max positions)")
@@ -543,7 +583,6 @@ def run(args: argparse.Namespace) -> int:
 
     from . import __version__
     from .checkpoint import CheckpointReader, load_model
-    from .data_pipeline import jsonl_files, sha256_file, split_domains
 
     if args.tokens_per_domain < 1:
         raise UserError(f"--tokens-per-domain must be >= 1, got {args.tokens_per_domain}")
@@ -554,32 +593,23 @@ def run(args: argparse.Namespace) -> int:
     cfg = CheckpointReader(args.checkpoint).config
     if not cfg.is_moe:
         raise UserError(f"{args.checkpoint} is a dense model: routing counts need a MoE checkpoint")
-    split_dir, tokenizer_dir = _resolve_inputs(args, args.checkpoint, cfg.vocab_size)
-    tokenizer, eos_id = _load_tokenizer(tokenizer_dir, cfg.vocab_size)
-    domains = args.domains or split_domains(split_dir)
-    missing = [d for d in domains if not jsonl_files(split_dir, d)]
-    if missing or not domains:
-        raise UserError(f"{split_dir} has no <domain>.jsonl for: {', '.join(missing) or 'any domain'}")
     chunk_len = chunk_length(cfg, args.chunk_len)
+    chunks, source_meta = _domain_sources(args, args.checkpoint, cfg.vocab_size, chunk_len)
     name = args.model_name or args.checkpoint.resolve().name
-    dtype = getattr(torch, args.dtype)
-    model = load_model(args.checkpoint, dtype=dtype, device=args.device).eval()
-    log.info("counting %s: %d domains x %d tokens in %d-token chunks", name, len(domains), args.tokens_per_domain,
-             chunk_len)
-    chunks = {d: token_chunks(read_jsonl_texts(jsonl_files(split_dir, d)), tokenizer, chunk_len,
-                              args.tokens_per_domain, eos_id) for d in domains}
+    model = load_model(args.checkpoint, dtype=getattr(torch, args.dtype), device=args.device).eval()
+    log.info("counting %s: %d domains x %d tokens in %d-token chunks (%s)", name, len(chunks),
+             args.tokens_per_domain, chunk_len, source_meta["source"])
     counts = count_checkpoint(model, chunks, name, batch_size=args.batch_size)
-    layer0 = counts[counts["layer"] == 0].groupby("domain")["assignments"].sum() // cfg.num_experts_per_tok
-    short = {d: int(n) for d, n in layer0.items() if n < args.tokens_per_domain}
+    per_layer = counts[counts["layer"] == 0].groupby("domain")["assignments"].sum() // cfg.num_experts_per_tok
+    tokens = {d: int(per_layer[d]) for d in chunks}
+    short = {d: n for d, n in tokens.items() if n < args.tokens_per_domain}
     if short:
-        log.warning("fewer tokens than requested in the test split: %s", short)
+        log.warning("fewer tokens than requested (test split too small or whole windows only): %s", short)
     meta = {
         "model": name, "checkpoint": str(args.checkpoint.resolve()), "num_experts": cfg.num_experts,
         "top_k": cfg.num_experts_per_tok, "num_layers": cfg.num_hidden_layers, "chunk_len": chunk_len,
-        "tokens_per_domain_requested": args.tokens_per_domain,
-        "tokens_per_domain": {d: int(layer0[d]) for d in domains}, "split_dir": str(split_dir.resolve()),
-        "tokenizer": str(tokenizer_dir.resolve()), "tokenizer_sha256": sha256_file(tokenizer_dir / "tokenizer.json"),
-        "dtype": args.dtype, "drop_upcycling_version": __version__,
+        "tokens_per_domain_requested": args.tokens_per_domain, "tokens_per_domain": tokens,
+        **source_meta, "dtype": args.dtype, "drop_upcycling_version": __version__,
     }
     path = write_counts(counts, args.out, meta)
     print(f"wrote {path} ({len(counts)} rows); next: drop-upcycling analyze routing --counts {path} --out DIR")

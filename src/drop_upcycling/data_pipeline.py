@@ -370,8 +370,9 @@ class _ShardJobs:
         from datatrove.pipeline.tokens import DocumentTokenizer
 
         job, sub = divmod(rank, self.tasks)
-        split, domain, folder, glob = self.jobs[job]
-        reader = JsonlReader(folder, glob_pattern=glob, text_key="text", id_key="id", doc_progress=False)
+        split, domain, folder, paths_file = self.jobs[job]
+        # An explicit file list: datatrove treats a plain glob as a suffix ("c4.jsonl" matches "ja_mc4.jsonl").
+        reader = JsonlReader(folder, paths_file=paths_file, text_key="text", id_key="id", doc_progress=False)
         writer = DocumentTokenizer(
             output_folder=str(Path(self.out_dir) / split / domain),
             tokenizer_name_or_path=self.tokenizer_json,
@@ -416,8 +417,7 @@ def tokenize_shards(
             files = jsonl_files(jsonl_dir / split, domain)
             if not files:
                 raise UserError(f"{jsonl_dir / split} has no JSONL files for domain {domain}")
-            single = len(files) == 1 and files[0].parent == jsonl_dir / split
-            jobs.append((split, domain, str(files[0].parent), files[0].name if single else "*.jsonl*"))
+            jobs.append((split, domain, files))
     if not jobs:
         raise UserError(f"{jsonl_dir} holds no JSONL documents")
     done = out_dir / "DONE"
@@ -426,8 +426,15 @@ def tokenize_shards(
         if recorded.get("jobs") != [list(j[:2]) for j in jobs] or recorded.get("tasks") != tasks:
             raise UserError(f"{out_dir} holds shards of other inputs or --tasks; choose a new --out")
     done.unlink(missing_ok=True)
+    lists = out_dir / "inputs"
+    lists.mkdir(parents=True, exist_ok=True)
+    specs = []
+    for split, domain, files in jobs:
+        paths_file = lists / f"{split}.{domain}.txt"
+        paths_file.write_text("".join(f"{f.name}\n" for f in files))
+        specs.append((split, domain, str(files[0].parent), str(paths_file)))
     executor = LocalPipelineExecutor(
-        [_ShardJobs(jobs, tasks, str(tokenizer_json), str(out_dir))],
+        [_ShardJobs(specs, tasks, str(tokenizer_json), str(out_dir))],
         tasks=len(jobs) * tasks, workers=min(workers, len(jobs) * tasks), logging_dir=str(out_dir / "logs"),
     )
     executor.run()

@@ -309,7 +309,8 @@ def test_routing_cli_counts_test_split(small_split: tuple[Path, Path], tiny_moe_
     pd.testing.assert_frame_equal(got, expected, check_dtype=False)
 
     # The counts feed the analysis directly; a second run refuses to overwrite.
-    assert main(["analyze", "routing", "--counts", str(out / "routing_counts.csv"), "--out", str(tmp_path / "a")]) == 0
+    assert main(["analyze", "routing", "--counts", str(out), "--out", str(tmp_path / "a")]) == 0
+    assert pd.read_csv(tmp_path / "a" / "routing_metrics.csv")["model"].unique().tolist() == [tiny_moe_dir.name]
     assert main(["routing", str(tiny_moe_dir), "--out", str(out), "--splits", str(splits),
                  "--tokenizer", str(tok_dir)]) == 2
 

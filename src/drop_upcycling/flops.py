@@ -8,8 +8,8 @@ multiply-add:
 - ``full``: every matrix multiply of one training step, counted per token:
   attention projections (q, k, v, o), attention scores ``QK^T`` and values ``AV``, the router,
   the active experts' (or dense MLP's) three projections and the LM head; backward = 2 x forward
-  (gradients with respect to inputs and weights). Not counted: embedding lookups, norms,
-  softmax, activations, RoPE, the losses and optimizer updates (all O(d) per token, well under 1%).
+  (gradients with respect to inputs and weights). Not counted: embedding lookups and element-wise
+  work (norms, softmax, SiLU, RoPE, the losses, optimizer updates): well under 1% at these shapes.
 
 Attention convention: by default every query is charged for all ``S`` keys of its sequence,
 as Chinchilla and ``torch.utils.flop_counter`` do (and as a masked dense kernel executes);
@@ -88,8 +88,9 @@ class TrainingPlan:
     """Tokens per phase, FACTS.md §4: dense seeds pre-trained on 1T tokens, every MoE trained on 500B.
 
     ``reference_tokens`` is the pre-training length of the dense reference the headline compares
-    against (13B). It is not stated in FACTS.md; 2.1T is the LLM-jp-3 13B model card's figure —
-    override it in the plan YAML if your reference differs.
+    against (13B). FACTS.md does not state it; 2.1T is an assumption (LLM-jp-3's pre-training length
+    as we understand it, not verified here) — set it in the plan YAML. The headline ratio scales
+    inversely with it.
     """
 
     dense_tokens: float = 1.0e12

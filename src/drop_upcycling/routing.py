@@ -50,6 +50,8 @@ def read_counts(paths: str | Path | Sequence[str | Path]) -> pd.DataFrame:
         raise UserError("no counts CSV given")
     frames = []
     for path in map(Path, paths):
+        if path.is_dir():  # the --out folder of `drop-upcycling routing`
+            path = path / "routing_counts.csv"
         if not path.is_file():
             raise UserError(f"counts file {path} does not exist")
         try:
@@ -290,7 +292,8 @@ def format_summary(metrics: pd.DataFrame) -> str:
 # ============================================================================ CLI: analyze routing
 def configure_analyze_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--counts", nargs="+", required=True, metavar="CSV",
-                        help=f"count files with columns {', '.join(COUNT_COLUMNS)}")
+                        help=f"count files with columns {', '.join(COUNT_COLUMNS)} (or output folders of "
+                             "`drop-upcycling routing`)")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--layers", type=int, nargs="+", help="layers to draw (default: first, 1/3, 2/3, last)")
     parser.add_argument("--models", nargs="+", help="models to draw, in column order (default: all)")

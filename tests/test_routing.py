@@ -38,6 +38,11 @@ def test_released_counts_shape(released: pd.DataFrame) -> None:
     assert set(released["domain"]) == {"c4", "en_wikipedia", "ja_mc4", "ja_wikipedia", "code_stack"}
     assert sorted(released["layer"].unique()) == list(range(24))
     assert sorted(released["expert"].unique()) == list(range(8))
+    # Every (model, domain, layer) routed the same number of tokens, twice each (top-2): our default budget.
+    from drop_upcycling.routing import DEFAULT_TOKENS_PER_DOMAIN
+
+    totals = released.groupby(["model", "domain", "layer"])["assignments"].sum()
+    assert (totals == 2 * DEFAULT_TOKENS_PER_DOMAIN).all()
 
 
 def test_nu_routes_every_domain_to_the_same_two_experts(released: pd.DataFrame) -> None:

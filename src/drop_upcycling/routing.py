@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 COUNT_COLUMNS = ["model", "domain", "layer", "expert", "assignments", "distinct_tokens"]
 DEFAULT_UNUSED_THRESHOLD = 0.02  # "almost unused": under 2% of a layer's assignments in every domain
 DEFAULT_CHUNK = 2048  # tokens per forward pass, as in the paper's analysis (FACTS.md §6)
-DEFAULT_TOKENS_PER_DOMAIN = 100 * DEFAULT_CHUNK  # 204,800: the paper's "about 205k tokens" per domain
+# The paper's "about 205k tokens" per domain: the released counts hold 413,696 top-2 assignments per
+# (model, domain, layer), i.e. 206,848 tokens = 101 chunks of 2048.
+DEFAULT_TOKENS_PER_DOMAIN = 101 * DEFAULT_CHUNK
 
 
 # ============================================================================ reading counts
@@ -558,7 +560,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", type=Path, metavar="CKPT", help="a Mixtral (MoE) checkpoint directory")
     parser.add_argument("--out", required=True, type=Path, help="output directory (routing_counts.csv/.json)")
     parser.add_argument("--tokens-per-domain", type=int, default=DEFAULT_TOKENS_PER_DOMAIN,
-                        help=f"tokens fed per domain (default {DEFAULT_TOKENS_PER_DOMAIN:,}, as in the paper)")
+                        help=f"tokens fed per domain (default {DEFAULT_TOKENS_PER_DOMAIN:,}, as in the released counts)")
     parser.add_argument("--tokenizer", type=Path, metavar="DIR",
                         help="tokenizer dir (default: the checkpoint's, else the prepared data's)")
     source = parser.add_mutually_exclusive_group()

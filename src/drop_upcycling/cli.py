@@ -19,6 +19,7 @@ from .errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("drop_upcycling.data", "corpus -> JSONL splits -> BPE tokenizer -> datatrove .ds shards (or all: prepare)"),
     "upcycle": ("drop_upcycling.upcycle", "turn a dense Llama checkpoint into a Mixtral MoE (FS, NU, RNU, DU, BTX)"),
+    "evaluate": ("drop_upcycling.evaluate", "score checkpoints with lm-evaluation-harness (local offline suite, paper suite)"),
     "routing": ("drop_upcycling.routing", "count top-k expert choices per domain of a MoE checkpoint (CSV)"),
     "analyze": ("drop_upcycling.analyze", "analyses of finished artifacts: analyze routing (Figure 5, metrics)"),
     "flops": ("drop_upcycling.flops", "parameters and training FLOPs per model; the paper's FLOPs table"),

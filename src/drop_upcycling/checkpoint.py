@@ -106,12 +106,15 @@ def write_json(path: Path, data: object) -> None:
 class ShardedWriter:
     """Streams tensors into ``model-0000i-of-0000n.safetensors`` shards of at most ``max_shard_bytes``."""
 
-    def __init__(self, out_dir: Path, max_shard_bytes: int = 2 * 1024**3, metadata: dict[str, str] | None = None) -> None:
+    def __init__(self, out_dir: Path, max_shard_bytes: int = 2 * 1024**3) -> None:
         self.out_dir = Path(out_dir)
         self.max_shard_bytes = max_shard_bytes
-        self.metadata = {"format": "pt", **(metadata or {})}
+        # One metadata key only: safetensors writes the metadata map in hash order, so a second key
+        # would make the bytes of identical checkpoints differ from run to run.
+        self.metadata = {"format": "pt"}
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
+        self._pending_ptrs: set[tuple[int, int]] = set()
         self._shards: list[list[str]] = []
         self.total_bytes = 0
 
@@ -119,7 +122,11 @@ class ShardedWriter:
         nbytes = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
             self._flush()
-        self._pending[name] = tensor.detach().contiguous().cpu()
+        tensor = tensor.detach().contiguous().cpu()
+        if (tensor.data_ptr(), nbytes) in self._pending_ptrs:  # the same tensor under two names (BTX)
+            tensor = tensor.clone()
+        self._pending[name] = tensor
+        self._pending_ptrs.add((tensor.data_ptr(), nbytes))
         self._pending_bytes += nbytes
         self.total_bytes += nbytes
 
@@ -127,7 +134,7 @@ class ShardedWriter:
         idx = len(self._shards)
         save_file(self._pending, str(self.out_dir / f"shard-{idx:05d}.safetensors"), metadata=self.metadata)
         self._shards.append(list(self._pending))
-        self._pending, self._pending_bytes = {}, 0
+        self._pending, self._pending_bytes, self._pending_ptrs = {}, 0, set()
 
     def close(self) -> dict[str, str]:
         """Write the last shard, give shards their final names and write the index; returns weight_map."""
@@ -216,7 +223,7 @@ class CheckpointReader:
             raise UserError(f"{self.path} has no .safetensors weights")
         weight_map = {}
         for f in files:
-            for name in self._open(f.name).keys():
+            for name in self._open(f.name).keys():  # noqa: SIM118 (safe_open has no __iter__)
                 weight_map[name] = f.name
         return weight_map
 
@@ -230,6 +237,9 @@ class CheckpointReader:
 
     def keys(self) -> list[str]:
         return list(self.weight_map)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.weight_map)
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map

@@ -1,0 +1,465 @@
+"""Build a Mixtral-style MoE from dense Llama checkpoint(s) by every method the paper compares.
+
+Methods (FACTS.md §1): ``scratch`` (FS), ``naive`` (NU, r = 0), ``noise`` (RNU: add N(0, 0.02) to a
+fraction r of the neurons), ``drop`` (Drop-Upcycling: re-initialize a fraction r of the neurons from
+the dense weights' statistics) and ``btx`` (Branch-Train-MiX: expert e is source e // (E/4)'s FFN,
+non-FFN weights are the mean of the 4 sources).
+
+Each method is a small function with one signature, ``(dense FFN, ExpertKey, options) -> expert FFN``;
+the streaming reader/writer around them is written once (:func:`upcycle`). Tensors are read with
+``safe_open`` and written shard by shard, one layer at a time, into a temp dir renamed at the end.
+
+Every random draw comes from a generator keyed by (seed, purpose, layer, expert, matrix), so the
+output does not depend on processing order, sharding or a later expert-parallel layout. ``scratch``
+draws exactly what :meth:`drop_upcycling.model.CausalLM.init_weights` draws for the same seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from .checkpoint import (
+    DTYPES,
+    CheckpointReader,
+    ShardedWriter,
+    atomic_dir,
+    copy_tokenizer_files,
+    hf_dense_ffn_name,
+    hf_expert_name,
+    to_hf,
+    write_config,
+    write_json,
+)
+from .configs import ModelConfig
+from .errors import UserError
+from .model import CausalLM, init_tensor, keyed_generator
+
+log = logging.getLogger(__name__)
+
+METHODS = ("scratch", "naive", "noise", "drop", "btx")
+ROUTER_INITS = ("torch_rand_002", "torch_rand", "torch_rand_mean0", "torch_normal_002", "torch_normal_028")
+INDEX_MODES = ("per-matrix", "shared")
+STATS_MODES = ("dropped", "full")
+BTX_SOURCES = 4
+MATRICES = ("w1", "w2", "w3")  # gate, down, up: HF Mixtral expert names
+NEURON_AXIS = {"w1": 0, "w2": 1, "w3": 0}  # w1/w3 are [F, D] (rows), w2 is [D, F] (columns)
+DENSE_PROJ = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+
+
+@dataclass(frozen=True)
+class UpcycleOptions:
+    """Everything that determines the output, recorded in ``OUT/upcycling.json``."""
+
+    method: str = "drop"
+    ratio: float = 0.5
+    num_experts: int = 8
+    top_k: int = 2
+    seed: int = 0
+    router_init: str = "torch_rand_002"
+    index_mode: str = "per-matrix"
+    stats: str = "dropped"
+    dtype: str = "auto"
+    noise_std: float = 0.02
+
+    def validate(self) -> None:
+        _choice("method", self.method, METHODS)
+        _choice("router init", self.router_init, ROUTER_INITS)
+        _choice("index mode", self.index_mode, INDEX_MODES)
+        _choice("stats", self.stats, STATS_MODES)
+        _choice("dtype", self.dtype, ("auto", *DTYPES))
+        if not (0.0 <= self.ratio <= 1.0) or math.isnan(self.ratio):
+            raise UserError(f"ratio must be in [0, 1], got {self.ratio}")
+        if self.num_experts < 1:
+            raise UserError(f"number of experts must be >= 1, got {self.num_experts}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise UserError(f"top-k must be between 1 and the number of experts ({self.num_experts}), got {self.top_k}")
+        if self.method == "btx" and self.num_experts % BTX_SOURCES:
+            raise UserError(f"btx needs a number of experts divisible by {BTX_SOURCES}, got {self.num_experts}")
+        if self.noise_std < 0:
+            raise UserError(f"noise std must be >= 0, got {self.noise_std}")
+
+
+def _choice(what: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"{what} must be one of {', '.join(choices)}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------- the methods
+class FFN(NamedTuple):
+    """One SwiGLU FFN in HF orientation: w1 = gate [F, D], w2 = down [D, F], w3 = up [F, D].
+
+    Held in the output dtype, so that building an expert costs one copy of it; statistics and random
+    draws are computed in fp32."""
+
+    w1: torch.Tensor
+    w2: torch.Tensor
+    w3: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ExpertKey:
+    seed: int
+    layer: int
+    expert: int
+
+    def generator(self, purpose: str, matrix: str) -> torch.Generator:
+        return keyed_generator(self.seed, purpose, self.layer, self.expert, matrix)
+
+
+def neuron_indices(key: ExpertKey, matrix: str, d_ff: int, ratio: float, index_mode: str) -> torch.Tensor:
+    """The int(ratio * d_ff) neurons re-initialized in one matrix of one expert.
+
+    ``per-matrix`` draws an independent set per matrix (the released code and checkpoints);
+    ``shared`` draws one set per expert used by w1, w2 and w3 alike (the paper's text).
+    """
+    count = int(ratio * d_ff)
+    which = matrix if index_mode == "per-matrix" else "shared"
+    return torch.randperm(d_ff, generator=key.generator("index", which))[:count]
+
+
+def _assign(t: torch.Tensor, axis: int, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    out = t.clone()
+    out.index_copy_(axis, idx, values)
+    return out
+
+
+def _slice_shape(t: torch.Tensor, axis: int, n: int) -> tuple[int, ...]:
+    shape = list(t.shape)
+    shape[axis] = n
+    return tuple(shape)
+
+
+def naive_expert(ffn: FFN, key: ExpertKey, opts: UpcycleOptions) -> FFN:
+    """Sparse Upcycling: every expert is an exact copy of the dense FFN."""
+    return FFN(ffn.w1.clone(), ffn.w2.clone(), ffn.w3.clone())
+
+
+def _mean_std(t: torch.Tensor) -> tuple[float, float]:
+    """Mean and (unbiased) std in float64 with numpy's single-threaded pairwise sums.
+
+    torch's multi-threaded CPU reductions can differ in the last bit from run to run under load,
+    which would change every sample drawn from N(mean, std): the same seed must give the same bytes.
+    """
+    a = t.float().numpy()
+    return float(a.mean(dtype=np.float64)), float(a.std(dtype=np.float64, ddof=1)) if a.size > 1 else 0.0
+
+
+def drop_expert(ffn: FFN, key: ExpertKey, opts: UpcycleOptions) -> FFN:
+    """Drop-Upcycling: overwrite int(r * d_ff) neurons per matrix with N(mu, sigma) of the dense weights.
+
+    mu/sigma are one scalar pair per matrix per expert: of the replaced slice (``stats=dropped``, the
+    released code) or of the whole dense matrix (``stats=full``). Samples are drawn in fp32 and cast
+    to the checkpoint dtype.
+    """
+    d_ff = ffn.w1.shape[0]
+    out = {}
+    for m in MATRICES:
+        dense, axis = getattr(ffn, m), NEURON_AXIS[m]
+        idx = neuron_indices(key, m, d_ff, opts.ratio, opts.index_mode)
+        if idx.numel() == 0:
+            out[m] = dense.clone()
+            continue
+        reference = dense.index_select(axis, idx) if opts.stats == "dropped" else dense
+        mean, std = _mean_std(reference)
+        fresh = torch.empty(_slice_shape(dense, axis, idx.numel())).normal_(mean, std, generator=key.generator("drop", m))
+        out[m] = _assign(dense, axis, idx, fresh.to(dense.dtype))
+    return FFN(**out)
+
+
+def noise_expert(ffn: FFN, key: ExpertKey, opts: UpcycleOptions) -> FFN:
+    """Random noise upcycling (RNU): ADD N(0, noise_std) to int(r * d_ff) neurons per matrix."""
+    d_ff = ffn.w1.shape[0]
+    out = {}
+    for m in MATRICES:
+        dense, axis = getattr(ffn, m), NEURON_AXIS[m]
+        idx = neuron_indices(key, m, d_ff, opts.ratio, opts.index_mode)
+        noise = torch.empty(_slice_shape(dense, axis, idx.numel())).normal_(0.0, opts.noise_std,
+                                                                            generator=key.generator("noise", m))
+        out[m] = _assign(dense, axis, idx, (dense.index_select(axis, idx).float() + noise).to(dense.dtype))
+    return FFN(**out)
+
+
+ExpertFn = Callable[[FFN, ExpertKey, UpcycleOptions], FFN]
+EXPERT_FNS: dict[str, ExpertFn] = {"naive": naive_expert, "drop": drop_expert, "noise": noise_expert}
+
+
+def router_weights(method: str, num_experts: int, dim: int, seed: int, layer: int) -> torch.Tensor:
+    """A fresh [E, D] router, as the released conversion scripts initialize it (FACTS.md §1.2)."""
+    g = keyed_generator(seed, "router", layer)
+    shape = (num_experts, dim)
+    if method == "torch_rand":
+        return torch.rand(shape, generator=g)
+    if method == "torch_rand_mean0":
+        w = torch.rand(shape, generator=g)
+        return w - w.mean()
+    if method == "torch_rand_002":
+        w = torch.rand(shape, generator=g)
+        return (w - w.mean()) * 0.02 * math.sqrt(12)
+    if method == "torch_normal_002":
+        return torch.empty(shape).normal_(0.0, 0.02, generator=g)
+    if method == "torch_normal_028":
+        return torch.empty(shape).normal_(0.0, 1 / math.sqrt(12), generator=g)
+    raise UserError(f"unknown router init {method!r}")
+
+
+# ---------------------------------------------------------------------------- sources
+class Sources:
+    """The dense checkpoint(s) to read: one for most methods, four for BTX. Validated before any work."""
+
+    def __init__(self, paths: list[Path], dense_cfg: ModelConfig | None = None) -> None:
+        self.readers = [CheckpointReader(p) for p in paths]
+        for r in self.readers:
+            if r.config.is_moe or r.config_dict.get("model_type") != "llama":
+                raise UserError(
+                    f"{r.path} is a {r.config_dict.get('model_type')!r} checkpoint; the source must be a dense Llama"
+                )
+        first = self.readers[0].config
+        for r in self.readers[1:]:
+            if r.config.replace(name=first.name) != first:
+                raise UserError(f"{r.path} has a different shape from {self.readers[0].path}; btx sources must match")
+        self.config = dense_cfg or first.replace(name=self.readers[0].path.name)
+        self._expected = _expected_shapes(self.config)
+        self.check_tensors()
+
+    def check_tensors(self) -> None:
+        """Every expected tensor present with the right shape (from the headers: no data read)."""
+        for r in self.readers:
+            for name, shape in self._expected.items():
+                if name not in r:
+                    raise UserError(f"{r.path} lacks tensor {name}")
+                got = tuple(r._open(r.weight_map[name]).get_slice(name).get_shape())
+                if got != shape:
+                    raise UserError(f"tensor {name} in {r.path} has shape {got}, expected {shape}")
+
+    def mean(self, name: str) -> torch.Tensor:
+        """The tensor averaged over sources (in fp32); for a single source, the tensor itself."""
+        shape = self._expected[name]
+        if len(self.readers) == 1:
+            return self.readers[0].get(name, shape)
+        return torch.stack([r.get(name, shape, torch.float32) for r in self.readers]).mean(dim=0)
+
+    def ffn(self, layer: int, dtype: torch.dtype, source: int = 0) -> FFN:
+        r = self.readers[source]
+        return FFN(*(r.get(hf_dense_ffn_name(layer, DENSE_PROJ[m]), self._expected[hf_dense_ffn_name(layer, DENSE_PROJ[m])], dtype)
+                     for m in MATRICES))
+
+    def dtype(self) -> torch.dtype:
+        return self.readers[0].dtype()
+
+    def tokenizer_dir(self) -> Path:
+        return self.readers[0].path
+
+
+def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF tensor names and shapes of a model, derived from the model itself on the meta device."""
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    shapes = {}
+    for name, t in model.state_dict().items():
+        if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        for hf_name, part in to_hf(name, t):
+            shapes[hf_name] = tuple(part.shape)
+    return shapes
+
+
+# ---------------------------------------------------------------------------- the conversion
+@dataclass
+class UpcycleSummary:
+    source: list[str]
+    out: str
+    dense: dict
+    moe: dict
+    total_params: int
+    active_params: int
+    output_bytes: int
+    dtype: str
+    options: dict
+
+    def lines(self) -> list[str]:
+        m = self.moe
+        return [
+            f"source       {', '.join(self.source)}",
+            f"output       {self.out}",
+            f"method       {self.options['method']} (ratio {self.options['ratio']}, seed {self.options['seed']}, "
+            f"router {self.options['router_init']}, index {self.options['index_mode']}, stats {self.options['stats']})",
+            f"shape        {m['num_hidden_layers']} layers, hidden {m['hidden_size']}, ffn {m['intermediate_size']}, "
+            f"{m['num_experts']} experts top-{m['num_experts_per_tok']}, vocab {m['vocab_size']}",
+            f"parameters   {self.total_params / 1e9:.3f}B total, {self.active_params / 1e9:.3f}B active per token",
+            f"output size  {self.output_bytes / 1e6:,.1f} MB ({self.dtype})",
+        ]
+
+
+def upcycle(
+    src: str | Path | None,
+    out: str | Path,
+    opts: UpcycleOptions,
+    *,
+    sources: list[str | Path] | None = None,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    max_shard_bytes: int = 1024**3,
+    progress: bool = True,
+) -> UpcycleSummary:
+    """Convert dense checkpoint ``src`` (or four ``sources`` for btx) into an MoE checkpoint at ``out``."""
+    opts.validate()
+    paths = _source_paths(src, sources, opts.method)
+    out = Path(out)
+    if any(out.resolve() == p.resolve() for p in paths):
+        raise UserError(f"output {out} is the same directory as a source")
+    if out.exists() and not overwrite and not dry_run:
+        raise UserError(f"{out} already exists (pass --overwrite to replace it)")
+    srcs = Sources(paths)
+    moe_cfg = srcs.config.as_moe(opts.num_experts, opts.top_k)
+    dtype = srcs.dtype() if opts.dtype == "auto" else DTYPES[opts.dtype]
+    counts = moe_cfg.param_counts()
+    summary = UpcycleSummary(
+        source=[str(p) for p in paths], out=str(out), dense=asdict(srcs.config), moe=asdict(moe_cfg),
+        total_params=counts["total"], active_params=counts["active"],
+        output_bytes=counts["total"] * torch.empty(0, dtype=dtype).element_size(),
+        dtype=str(dtype).removeprefix("torch."), options=asdict(opts),
+    )
+    if dry_run:
+        return summary
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        writer = ShardedWriter(tmp, max_shard_bytes)
+        for name, tensor in _moe_tensors(srcs, moe_cfg, opts, dtype, progress):
+            writer.add(name, tensor.to(dtype))
+        writer.close()
+        write_config(tmp, moe_cfg, dtype)
+        copy_tokenizer_files(srcs.tokenizer_dir(), tmp)
+        write_json(tmp / "upcycling.json", {**asdict(summary), "drop_upcycling_version": __version__,
+                                             "torch_version": torch.__version__})
+    log.info("wrote %s (%.1f MB)", out, writer.total_bytes / 1e6)
+    return summary
+
+
+def _source_paths(src: str | Path | None, sources: list[str | Path] | None, method: str) -> list[Path]:
+    if method == "btx":
+        if src is not None:
+            raise UserError("btx takes its dense models from --sources; pass only OUT as a positional argument")
+        if not sources or len(sources) != BTX_SOURCES:
+            raise UserError(f"btx needs exactly {BTX_SOURCES} dense checkpoints in --sources, got {len(sources or [])}")
+        return [Path(s) for s in sources]
+    if sources:
+        raise UserError(f"--sources is only for btx, not {method}")
+    if src is None:
+        raise UserError(f"{method} needs a source checkpoint SRC")
+    return [Path(src)]
+
+
+def _moe_tensors(srcs: Sources, cfg: ModelConfig, opts: UpcycleOptions, dtype: torch.dtype,
+                 progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield every HF tensor of the MoE, one layer at a time (peak memory: one layer's experts)."""
+    shapes = _expected_shapes(cfg)
+    by_layer: dict[int, list[str]] = {}
+    for name in shapes:
+        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else -1
+        by_layer.setdefault(layer, []).append(name)
+    for name in by_layer.pop(-1):  # embeddings, final norm, LM head
+        yield name, _non_ffn(srcs, cfg, opts, name, shapes[name])
+    for layer in tqdm(sorted(by_layer), desc=f"upcycle ({opts.method})", unit="layer", disable=not progress):
+        for name in by_layer[layer]:
+            if ".experts." in name:
+                continue
+            if name.endswith("block_sparse_moe.gate.weight"):
+                yield name, _router(cfg, opts, layer, name)
+            else:
+                yield name, _non_ffn(srcs, cfg, opts, name, shapes[name])
+        yield from _experts(srcs, cfg, opts, layer, dtype)
+
+
+def _non_ffn(srcs: Sources, cfg: ModelConfig, opts: UpcycleOptions, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    if opts.method == "scratch":
+        return init_tensor(name, shape, cfg, opts.seed)
+    return srcs.mean(name)  # a copy for one source, the average of the four for btx
+
+
+def _router(cfg: ModelConfig, opts: UpcycleOptions, layer: int, name: str) -> torch.Tensor:
+    if opts.method == "scratch":  # HF's default init, like every other from-scratch tensor
+        return init_tensor(name, (cfg.num_experts, cfg.hidden_size), cfg, opts.seed)
+    return router_weights(opts.router_init, cfg.num_experts, cfg.hidden_size, opts.seed, layer)
+
+
+def _experts(srcs: Sources, cfg: ModelConfig, opts: UpcycleOptions, layer: int,
+             dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    if opts.method == "scratch":
+        for e in range(cfg.num_experts):
+            for m in MATRICES:
+                stacked = f"model.layers.{layer}.block_sparse_moe.experts.{m}"
+                shape = (1, cfg.hidden_size, cfg.intermediate_size) if m == "w2" else (1, cfg.intermediate_size, cfg.hidden_size)
+                yield hf_expert_name(layer, e, m), init_tensor(stacked, shape, cfg, opts.seed, expert_offset=e)[0]
+        return
+    if opts.method == "btx":
+        per_source = cfg.num_experts // BTX_SOURCES
+        for e in range(cfg.num_experts):
+            ffn = srcs.ffn(layer, dtype, source=e // per_source)
+            for m in MATRICES:
+                yield hf_expert_name(layer, e, m), getattr(ffn, m)
+        return
+    dense = srcs.ffn(layer, dtype)
+    make = EXPERT_FNS[opts.method]
+    for e in range(cfg.num_experts):
+        expert = make(dense, ExpertKey(opts.seed, layer, e), opts)
+        for m in MATRICES:
+            yield hf_expert_name(layer, e, m), getattr(expert, m)
+
+
+# ---------------------------------------------------------------------------- CLI
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", metavar="[SRC] OUT",
+                   help="dense Llama checkpoint dir and output dir (btx: only OUT, sources via --sources)")
+    p.add_argument("--method", default="drop", choices=METHODS,
+                   help="scratch (FS), naive (NU), noise (RNU), drop (DU), btx (Branch-Train-MiX); default drop")
+    p.add_argument("--ratio", type=float, default=None,
+                   help="fraction r of FFN neurons re-initialized (drop) or perturbed (noise); default 0.5")
+    p.add_argument("--num-experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--router-init", default="torch_rand_002", choices=ROUTER_INITS,
+                   help="router initialization (not used by scratch, which uses HF's normal(0, 0.02))")
+    p.add_argument("--index-mode", default="per-matrix", choices=INDEX_MODES,
+                   help="per-matrix: independent neuron sets for w1/w2/w3 (released checkpoints); "
+                        "shared: one set per expert (paper text)")
+    p.add_argument("--stats", default="dropped", choices=STATS_MODES,
+                   help="statistics of the replaced slice (dropped, released code) or the whole matrix (full)")
+    p.add_argument("--noise-std", type=float, default=0.02, help="std of the noise added by --method noise")
+    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), help="output dtype; auto = source dtype")
+    p.add_argument("--sources", nargs="+", default=None, metavar="DIR", help="btx: the four dense checkpoints")
+    p.add_argument("--max-shard-size", type=float, default=1.0, metavar="GB", help="max shard size in GB")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--dry-run", action="store_true", help="print shapes, parameters and output size; write nothing")
+
+
+def run(args: argparse.Namespace) -> int:
+    if len(args.paths) > 2:
+        raise UserError(f"expected SRC OUT, got {len(args.paths)} paths")
+    src, out = (None, args.paths[0]) if len(args.paths) == 1 else args.paths
+    if args.ratio is not None and args.method not in ("drop", "noise"):
+        raise UserError(f"--ratio applies to drop and noise, not {args.method}")
+    default_ratio = 0.5 if args.method in ("drop", "noise") else 0.0
+    opts = UpcycleOptions(
+        method=args.method, ratio=default_ratio if args.ratio is None else args.ratio, num_experts=args.num_experts,
+        top_k=args.top_k, seed=args.seed, router_init=args.router_init, index_mode=args.index_mode,
+        stats=args.stats, dtype=args.dtype, noise_std=args.noise_std,
+    )
+    summary = upcycle(src, out, opts, sources=args.sources, overwrite=args.overwrite, dry_run=args.dry_run,
+                      max_shard_bytes=int(args.max_shard_size * 1e9))
+    print("\n".join(summary.lines()))
+    if args.dry_run:
+        print("dry run: nothing written")
+        print(json.dumps({"total_params": summary.total_params, "active_params": summary.active_params,
+                          "output_bytes": summary.output_bytes}))
+    return 0

@@ -19,14 +19,14 @@ import yaml
 from drop_upcycling.checkpoint import load_model
 from drop_upcycling.configs import TrainConfig
 from drop_upcycling.errors import UserError
+from drop_upcycling.model import CausalLM
 from drop_upcycling.parallel import free_port
 from drop_upcycling.train import configure_parser, lr_at, plan
 from drop_upcycling.train import run as train_run
 
 REPO = Path(__file__).resolve().parents[1]
-SYNTHETIC = {
+BASE = {  # for checks that fail before any data is read
     "model": {"base": "tiny-moe", "vocab_size": 128, "num_hidden_layers": 2},
-    "data": {"source": "synthetic"},
     "seq_len": 32, "global_batch_tokens": 256, "micro_batch_size": 2,
     "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "seed": 5,
 }
@@ -67,21 +67,37 @@ def _metrics(out: Path) -> list[dict]:
 
 
 def _write_config(path: Path, **changes) -> Path:
-    path.write_text(yaml.safe_dump({**SYNTHETIC, **changes}))
+    path.write_text(yaml.safe_dump({**BASE, **changes}))
     return path
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """8 uninterrupted steps, EP=2 on 2 ranks, checkpoints every 2 steps (all kept)."""
+def tiny_recipe(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path) -> Path:
+    """recipes/configs/tiny_moe.yaml with a private data cache and a 300-document slice per domain."""
+    root = tmp_path_factory.mktemp("tiny")
+    d = yaml.safe_load((REPO / "recipes" / "configs" / "tiny_moe.yaml").read_text())
+    d["data"].update(corpus=str(corpus_dir), cache_dir=str(root / "cache"), max_docs_per_domain=300)
+    (root / "tiny_moe.yaml").write_text(yaml.safe_dump(d))
+    return root / "tiny_moe.yaml"
+
+
+def _corpus_config(path: Path, recipe: Path, **changes) -> Path:
+    """The tiny recipe (real corpus) with ``changes``."""
+    path.write_text(yaml.safe_dump({**yaml.safe_load(recipe.read_text()), **changes}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory: pytest.TempPathFactory, tiny_recipe: Path) -> Path:
+    """The tiny recipe on the corpus: 8 uninterrupted steps, EP=2 on 2 ranks, checkpoints every 2 (all kept)."""
     root = tmp_path_factory.mktemp("ref")
-    config = _write_config(root / "run.yaml", steps=8, save_every=2, keep_last=10)
+    config = _corpus_config(root / "run.yaml", tiny_recipe, steps=8, save_every=2, keep_last=10)
     _finish(_torchrun(config, "--ep", "2", "--out", str(root / "out")))
     return root / "out"
 
 
-def test_sigkill_and_resume_logs_bitwise_the_same_losses(reference_run: Path, tmp_path: Path) -> None:
-    config = _write_config(tmp_path / "run.yaml", steps=8, save_every=2, keep_last=2)
+def test_sigkill_and_resume_logs_bitwise_the_same_losses(reference_run: Path, tiny_recipe: Path, tmp_path: Path) -> None:
+    config = _corpus_config(tmp_path / "run.yaml", tiny_recipe, steps=8, save_every=2, keep_last=2)
     out = tmp_path / "out"
     proc = _torchrun(config, "--ep", "2", "--out", str(out))
     metrics = out / "metrics.jsonl"
@@ -107,15 +123,15 @@ def test_sigkill_and_resume_logs_bitwise_the_same_losses(reference_run: Path, tm
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000008"
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]  # no temp dirs left
     run_json = json.loads((out / "run.json").read_text())
-    assert run_json["seed"] == 5 and run_json["ep"] == 2 and "torch" in run_json["versions"]
+    assert run_json["seed"] == 0 and run_json["ep"] == 2 and "torch" in run_json["versions"]
 
 
-def test_checkpoint_resumes_with_another_ep_size(reference_run: Path, tmp_path: Path) -> None:
+def test_checkpoint_resumes_with_another_ep_size(reference_run: Path, tiny_recipe: Path, tmp_path: Path) -> None:
     """Written with EP=2, resumed with EP=1 (dp=2): steps 7-8 agree with the EP=2 run to fp32 rounding."""
     out = tmp_path / "out"
     shutil.copytree(reference_run, out)
     (out / "checkpoints" / "latest").write_text("step-00000006\n")
-    config = _write_config(tmp_path / "run.yaml", steps=8, save_every=2, keep_last=10)
+    config = _corpus_config(tmp_path / "run.yaml", tiny_recipe, steps=8, save_every=2, keep_last=10)
     _finish(_torchrun(config, "--ep", "1", "--out", str(out), "--resume"))
     mine, reference = _metrics(out), _metrics(reference_run)
     assert [r["step"] for r in mine] == list(range(1, 9))
@@ -133,20 +149,14 @@ def test_checkpoint_is_an_hf_mixtral(reference_run: Path) -> None:
     assert set(index["weight_map"].values()) == {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
     ours = load_model(ckpt).eval()
     hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
-    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 8192, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)
-    # Weights changed during training: this is not the random init.
-    assert not torch.equal(ours.model.layers[0].block_sparse_moe.experts.w1, load_model_init()[0])
-
-
-def load_model_init() -> list[torch.Tensor]:
-    from drop_upcycling.model import CausalLM
-
-    run = TrainConfig.from_mapping({**SYNTHETIC, "steps": 1})
-    model = CausalLM(run.model_config())
-    model.init_weights(run.seed)
-    return [model.model.layers[0].block_sparse_moe.experts.w1.detach()]
+    # Trained: the experts moved away from the random init (seed 0) they started from.
+    init = CausalLM(ours.config)
+    init.init_weights(0)
+    w1 = ours.model.layers[0].block_sparse_moe.experts.w1
+    assert not torch.equal(w1, init.model.layers[0].block_sparse_moe.experts.w1)
 
 
 # ---------------------------------------------------------------------------- bad input, the schedule, the plan
@@ -176,7 +186,7 @@ def test_bad_config_fails_at_start(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_lr_schedule_warmup_then_cosine() -> None:
-    run = TrainConfig.from_mapping({**SYNTHETIC, "steps": 12, "lr": 1.0, "min_lr": 0.1, "warmup_steps": 2})
+    run = TrainConfig.from_mapping({**BASE, "steps": 12, "lr": 1.0, "min_lr": 0.1, "warmup_steps": 2})
     assert [lr_at(s, run) for s in (0, 1)] == [0.5, 1.0]
     assert lr_at(2, run) == pytest.approx(1.0)
     assert lr_at(7, run) == pytest.approx(0.55)  # half-way through the cosine
@@ -215,3 +225,32 @@ def test_run_script_dry_run_prints_the_plan() -> None:
     assert res.returncode == 0, res.stderr
     assert "--method drop --ratio 0.5" in res.stdout and "--nnodes 4" in res.stdout
     assert "dp 4 x ep 8; 1 experts per rank" in res.stdout and "steps             119,210" in res.stdout
+
+
+def test_tiny_recipe_30_steps_on_the_corpus_loss_decreases(tiny_recipe: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _finish(_torchrun(tiny_recipe, "--ep", "2", "--out", str(out)))
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    losses = [r["loss"] for r in rows]
+    assert abs(losses[0] - torch.log(torch.tensor(8192.0)).item()) < 0.3  # starts near uniform over the vocab
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0
+    for r in rows:
+        assert r["loss"] == pytest.approx(r["lm_loss"] + 0.02 * r["aux_loss"], rel=1e-6)
+        assert len(r["expert_load"]) == 2 and all(abs(sum(layer) - 1) < 1e-3 for layer in r["expert_load"])
+        assert r["tokens"] == 1024 * r["step"] and r["tokens_per_s"] > 0 and r["grad_norm"] > 0
+    final = out / "checkpoints" / "step-00000030"
+    assert (final / "tokenizer.json").is_file()
+
+
+def test_vocab_smaller_than_the_tokenizer_fails_clearly(tiny_recipe: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(key, value)
+    d = yaml.safe_load(tiny_recipe.read_text())
+    d["model"]["vocab_size"] = 4096
+    config = tmp_path / "small_vocab.yaml"
+    config.write_text(yaml.safe_dump(d))
+    with pytest.raises(UserError, match="has 8192 tokens, more than the model's vocab of 4096"):
+        train_run(_args(str(config), "--out", str(tmp_path / "out")))

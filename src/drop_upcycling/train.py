@@ -53,7 +53,7 @@ from .checkpoint import (
 )
 from .configs import ModelConfig, TrainConfig
 from .errors import UserError
-from .model import CausalLM, keyed_generator
+from .model import CausalLM
 from .moe import AllToAllDispatcher
 from .parallel import (
     ParallelEnv,
@@ -72,88 +72,29 @@ LATEST = "latest"
 
 
 # ============================================================================ data
-class SyntheticTokenReader:
-    """A learnable token stream for tests: a fixed random bigram chain with 4 successors per token.
-
-    Same interface as the corpus reader: ``next_batch(B) -> LongTensor[B, seq_len]``,
-    ``state_dict()``/``load_state_dict()`` (the position), and rank ``r`` of ``world_size`` reads its
-    own stream. Every batch is drawn from a generator keyed by (seed, rank, position).
-    """
-
-    def __init__(self, vocab_size: int, seq_len: int, *, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
-        self.vocab_size, self.seq_len, self.seed, self.rank = vocab_size, seq_len, seed, rank
-        self.world_size = world_size
-        self.position = 0
-        self.successors = torch.randint(0, vocab_size, (vocab_size, 4), generator=keyed_generator(seed, "chain"))
-
-    def next_batch(self, batch_size: int) -> torch.Tensor:
-        gen = keyed_generator(self.seed, "synthetic", self.rank, self.position)
-        self.position += 1
-        tokens = torch.empty(batch_size, self.seq_len, dtype=torch.long)
-        tokens[:, 0] = torch.randint(0, self.vocab_size, (batch_size,), generator=gen)
-        choice = torch.randint(0, 4, (batch_size, self.seq_len), generator=gen)
-        for t in range(1, self.seq_len):
-            tokens[:, t] = self.successors[tokens[:, t - 1], choice[:, t]]
-        return tokens
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position, "rank": self.rank, "world_size": self.world_size}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.position = int(state["position"])
-
-
 def build_reader(run: TrainConfig, cfg: ModelConfig, rank: int, world_size: int):
-    """The token source named by ``run.data`` (``source: synthetic`` or the prepared corpus)."""
-    data = dict(run.data)
-    source = data.pop("source", "corpus")
-    if source == "synthetic":
-        return SyntheticTokenReader(cfg.vocab_size, run.seq_len, seed=run.seed, rank=rank, world_size=world_size), None
-    if source != "corpus":
-        raise UserError(f"data.source must be 'corpus' or 'synthetic', got {source!r}")
-    return _corpus_reader(data, run, cfg, rank, world_size)
+    """(reader, tokenizer dir): :class:`drop_upcycling.data.TokenSequenceReader` over the corpus that
+    ``run.data`` names, prepared into the data cache on first use (tokenizer + token shards)."""
+    return _corpus_reader(dict(run.data), run, cfg, rank, world_size)
 
 
 def _corpus_reader(data: dict[str, Any], run: TrainConfig, cfg: ModelConfig, rank: int, world_size: int):
-    try:
-        from . import data as data_mod
-    except ImportError as e:
-        raise UserError(f"the corpus reader (drop_upcycling.data) is not available: {e}") from None
-    known = {"corpus", "cache_dir", "vocab_size", "weights", "split", "seed"}
+    """:class:`drop_upcycling.data.TokenSequenceReader` over the prepared corpus (prepared on first use)."""
+    from . import data as data_mod
+
+    known = {"corpus", "cache_dir", "vocab_size", "weights", "split", "seed", "max_docs_per_domain"}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise UserError(f"unknown data field(s) {', '.join(unknown)}")
+        raise UserError(f"unknown data field(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     prepared = data_mod.prepare_all(corpus=data.get("corpus"), cache_dir=data.get("cache_dir"),
-                                    vocab_size=data.get("vocab_size", cfg.vocab_size), seed=data.get("seed", 0))
-    tokenizer_dir = Path(prepared.tokenizer_dir)
-    _check_vocab(tokenizer_dir, cfg.vocab_size)
-    split = data.get("split", "train")
+                                    vocab_size=data.get("vocab_size", cfg.vocab_size), seed=data.get("seed", 0),
+                                    max_docs_per_domain=data.get("max_docs_per_domain"))
+    data_mod.check_vocab(prepared.tokenizer_dir, cfg.vocab_size)
     weights = data.get("weights")
-    domains = list(weights) if weights else _domains_of(prepared, split)
-    files = {d: prepared.shard_files(split, d) for d in domains}
+    files = prepared.files_by_domain(data.get("split", "train"), list(weights) if weights else None)
     reader = data_mod.TokenSequenceReader(files, run.seq_len, weights=weights, seed=run.seed, rank=rank,
                                           world_size=world_size)
-    return reader, tokenizer_dir
-
-
-def _domains_of(prepared, split: str) -> list[str]:
-    domains = getattr(prepared, "domains", None)
-    if callable(domains):
-        domains = domains(split)
-    if not domains:
-        raise UserError("data.weights must name the domains to train on")
-    return list(domains)
-
-
-def _check_vocab(tokenizer_dir: Path, model_vocab: int) -> None:
-    from tokenizers import Tokenizer
-
-    path = tokenizer_dir / "tokenizer.json"
-    if not path.is_file():
-        raise UserError(f"{path} does not exist")
-    size = Tokenizer.from_file(str(path)).get_vocab_size()
-    if size > model_vocab:
-        raise UserError(f"tokenizer {tokenizer_dir} has {size} tokens, more than the model's vocab of {model_vocab}")
+    return reader, Path(prepared.tokenizer_dir)
 
 
 # ============================================================================ model and optimizer
@@ -388,7 +329,12 @@ class Trainer:
         self.cfg = run.model_config()
         self.out = Path(run.out)
         self.accum = _accumulation_steps(run, env.world_size)
+        # Rank 0 first: it prepares the data cache on first use, the others then find it ready.
+        if not env.is_main:
+            env.barrier()
         self.reader, self.tokenizer_dir = build_reader(run, self.cfg, env.data_rank, env.world_size)
+        if env.is_main:
+            env.barrier()
         torch.manual_seed(run.seed + env.rank)
         self.model = build_model(self.cfg, run, env)
         self.optimizer = build_optimizer(self.model, run)

@@ -217,6 +217,8 @@ def test_tokenize_skips_completed_work(prepared: PreparedData, tmp_path: Path) -
             assert f.read_bytes() == (prepared.shards_dir / "validation" / "c4" / f.name).read_bytes()
         else:
             assert f.stat().st_mtime_ns == stamps[f], f"{f} was rewritten"
+    with pytest.raises(UserError, match="other inputs, tokenizer or --tasks"):
+        data.tokenize_shards(prepared.splits_dir, prepared.tokenizer_dir, out, splits=["validation"], tasks=2)
 
 
 @pytest.mark.parametrize("damage", ["truncated_ds", "truncated_index", "mismatched", "no_index"])

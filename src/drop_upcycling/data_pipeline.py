@@ -420,14 +420,18 @@ def tokenize_shards(
             jobs.append((split, domain, files))
     if not jobs:
         raise UserError(f"{jsonl_dir} holds no JSONL documents")
-    done = out_dir / "DONE"
-    if done.is_file():
-        recorded = json.loads(done.read_text())
-        if recorded.get("jobs") != [list(j[:2]) for j in jobs] or recorded.get("tasks") != tasks:
-            raise UserError(f"{out_dir} holds shards of other inputs or --tasks; choose a new --out")
+    # What this output folder is for; a rerun with other inputs, tokenizer or --tasks must not reuse
+    # the completed tasks of the first (datatrove's skip logic only knows task numbers).
+    plan = {"tokenizer_sha256": sha256_file(tokenizer_json), "tasks": tasks,
+            "jobs": [[s, d, [str(f.resolve()) for f in files]] for s, d, files in jobs]}
+    plan_file, done = out_dir / "plan.json", out_dir / "DONE"
+    if plan_file.is_file() and json.loads(plan_file.read_text()) != plan:
+        raise UserError(f"{out_dir} holds shards of other inputs, tokenizer or --tasks; choose a new --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(plan_file, plan)
     done.unlink(missing_ok=True)
     lists = out_dir / "inputs"
-    lists.mkdir(parents=True, exist_ok=True)
+    lists.mkdir(exist_ok=True)
     specs = []
     for split, domain, files in jobs:
         paths_file = lists / f"{split}.{domain}.txt"
@@ -438,6 +442,8 @@ def tokenize_shards(
         tasks=len(jobs) * tasks, workers=min(workers, len(jobs) * tasks), logging_dir=str(out_dir / "logs"),
     )
     executor.run()
-    write_json(done, {"tokenizer_sha256": sha256_file(tokenizer_json), "tasks": tasks,
-                      "jobs": [list(j[:2]) for j in jobs]})
+    incomplete = executor.get_incomplete_ranks(range(len(jobs) * tasks), skip_completed=True)
+    if incomplete:
+        raise UserError(f"datatrove tasks {incomplete} did not complete; see {out_dir / 'logs'} and rerun")
+    write_json(done, plan)
     return out_dir

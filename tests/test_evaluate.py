@@ -31,10 +31,12 @@ from drop_upcycling.evaluate import (
     PAPER_GROUP,
     build_local_suite,
     check_requirements,
+    checkpoint_labels,
     evaluate,
     leaf_tasks,
     local_task_names,
     plan_tasks,
+    run_checkpoints,
     task_datasets,
     task_manager,
 )
@@ -297,6 +299,32 @@ def test_existing_output_is_not_replaced(dense_dir: Path, suite: Path, tmp_path:
     (tmp_path / "out").mkdir()
     with pytest.raises(UserError, match="already exists"):
         evaluate([dense_dir], "local", tmp_path / "out", local_dir=suite)
+
+
+def test_runs_give_their_latest_checkpoints(dense_dir: Path, tmp_path: Path) -> None:
+    """``--runs`` (tox -e eval): each run's ``checkpoints/latest``, labelled RUN__step-N; no run: an error."""
+    import shutil
+
+    runs = tmp_path / "runs"
+    for run, steps in (("dense", (5, 10)), ("nu", (10,))):
+        for step in steps:
+            shutil.copytree(dense_dir, runs / run / "checkpoints" / f"step-{step:08d}")
+        (runs / run / "checkpoints" / "latest").write_text(f"step-{steps[-1]:08d}\n")
+    shutil.copytree(dense_dir, runs / "unfinished" / "checkpoints" / "step-00000001")  # no pointer: skipped
+    found = run_checkpoints(runs)
+    assert found == [runs / "dense" / "checkpoints" / "step-00000010", runs / "nu" / "checkpoints" / "step-00000010"]
+    assert checkpoint_labels(found) == ["dense__step-00000010", "nu__step-00000010"]
+    with pytest.raises(UserError, match="no training run"):
+        run_checkpoints(tmp_path / "runs" / "unfinished")
+    with pytest.raises(UserError, match="given twice"):
+        checkpoint_labels([found[0], found[0]])
+
+
+def test_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for args, message in ((["--limit", "0"], "--limit must be > 0"), (["--batch-size", "x"], "--batch-size must be"),
+                          ([], "no checkpoint given")):
+        rc = main(["evaluate", *(["ckpt"] if args else []), "--out", str(tmp_path / "out"), *args])
+        assert rc == 2 and message in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------- the paper suite

@@ -73,7 +73,8 @@ LOCAL_SIZES: dict[str, LocalSize] = {
     # Seconds for a tiny model on 2 CPU cores: the tests and CI.
     "ci": LocalSize(ppl_docs=4, ppl_max_chars=300, cloze_items=8, context_chars=128, continuation_chars=40),
     # Minutes for a 152M model on a GPU: enough items for differences of a few points to show.
-    "default": LocalSize(ppl_docs=200, ppl_max_chars=4000, cloze_items=250, context_chars=512, continuation_chars=128),
+    # (Contexts of 256 characters: most C4 test documents are shorter than 512.)
+    "default": LocalSize(ppl_docs=200, ppl_max_chars=4000, cloze_items=250, context_chars=256, continuation_chars=64),
 }
 
 
@@ -444,8 +445,15 @@ def check_checkpoint(path: str | Path, tokenizer: str | Path | None) -> Path:
 
 
 def checkpoint_labels(paths: Sequence[Path]) -> list[str]:
-    """Short unique names: the directory name, or more of the path where names repeat."""
-    parts = [p.resolve().parts for p in paths]
+    """Short unique names: the directory name, or more of the path where names repeat.
+
+    A training run's ``RUN/checkpoints/step-N`` is named ``RUN__step-N`` (the ``checkpoints`` level
+    says nothing).
+    """
+    parts = []
+    for p in paths:
+        q = p.resolve().parts
+        parts.append(q[:-2] + q[-1:] if len(q) > 2 and q[-2] == "checkpoints" else q)
     for depth in range(1, max(len(p) for p in parts) + 1):
         labels = ["__".join(p[-depth:]) for p in parts]
         if len(set(labels)) == len(labels):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 from collections import Counter
 from pathlib import Path
 
@@ -357,6 +358,14 @@ def test_prepare_all_is_cached_and_atomic(corpus_dir: Path, prepared: PreparedDa
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
+
+    # A build whose process died (here: a pid that cannot exist) is removed by the next run.
+    orphan = prepared.root.parent / ".prepared-0123456789abcdef.tmp-dead"
+    orphan.mkdir()
+    (orphan / "owner").write_text(f"{socket.gethostname()} {2**22 + 1}\n")
+    prepare_all(corpus_dir, prepared.root.parent, vocab_size=VOCAB, seed=0, val_fraction=0.1,
+                test_fraction=0.1, max_docs_per_domain=MAX_DOCS)
+    assert not orphan.exists()
 
     monkeypatch.setattr(data, "tokenize_shards", killed)
     with pytest.raises(KeyboardInterrupt):

@@ -18,7 +18,9 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -134,11 +136,14 @@ def prepare_all(
     key = _cache_key(dict(CORPUS_SHA256), options)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "data"
     root = cache / f"prepared-{key}"
+    if cache.is_dir():
+        _remove_orphans(cache)
     if (root / PREPARED_FILE).is_file():
         return PreparedData.load(root)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".prepared-{key}.tmp-", dir=cache))
     try:
+        (tmp / "owner").write_text(f"{socket.gethostname()} {os.getpid()}\n")
         log.info("preparing data in %s (corpus %s)", root, corpus_dir)
         prepare_corpus(corpus_dir, tmp / "splits", seed=seed, val_fraction=val_fraction,
                        test_fraction=test_fraction, max_docs_per_domain=max_docs_per_domain)
@@ -156,6 +161,21 @@ def prepare_all(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return PreparedData.load(root)
+
+
+def _remove_orphans(cache: Path) -> None:
+    """Delete temp builds whose process (on this host) is gone: a killed run leaves no other trace."""
+    host = socket.gethostname()
+    for tmp in cache.glob(".prepared-*.tmp-*"):
+        try:
+            owner_host, pid = (tmp / "owner").read_text().split()
+            if owner_host != host:
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except (OSError, ValueError):
+            continue  # no owner file yet (just created), or not ours to judge
 
 
 # ---------------------------------------------------------------------------- one shard

@@ -254,3 +254,47 @@ def test_vocab_smaller_than_the_tokenizer_fails_clearly(tiny_recipe: Path, tmp_p
     config.write_text(yaml.safe_dump(d))
     with pytest.raises(UserError, match="has 8192 tokens, more than the model's vocab of 4096"):
         train_run(_args(str(config), "--out", str(tmp_path / "out")))
+
+
+def test_init_from_hf_checkpoint_each_rank_loads_its_experts(tiny_recipe: Path, tmp_path: Path) -> None:
+    """EP=2 run started from an MoE checkpoint: step 1's loss is the checkpoint's loss on the global batch."""
+    from drop_upcycling.checkpoint import save_model
+    from drop_upcycling.data import TokenSequenceReader, prepare_all
+
+    run = TrainConfig.from_yaml(tiny_recipe)
+    model = CausalLM(run.model_config())
+    model.init_weights(123)
+    ckpt = save_model(model, tmp_path / "init")
+    out = tmp_path / "out"
+    _finish(_torchrun(tiny_recipe, "--ep", "2", "--out", str(out), "--init", str(ckpt), "--steps", "1"))
+    logged = _metrics(out)[0]
+
+    # Reference: the global batch of each micro-step is rank 0's then rank 1's sequences.
+    d = run.data
+    prepared = prepare_all(d["corpus"], d["cache_dir"], d["vocab_size"], max_docs_per_domain=d["max_docs_per_domain"])
+    readers = [TokenSequenceReader(prepared.files_by_domain("train", list(d["weights"])), run.seq_len,
+                                   weights=d["weights"], seed=run.seed, rank=r, world_size=2) for r in range(2)]
+    accum = run.global_batch_tokens // run.seq_len // (2 * run.micro_batch_size)
+    with torch.no_grad():
+        losses = []
+        for _ in range(accum):
+            ids = torch.cat([r.next_batch(run.micro_batch_size) for r in readers])
+            losses.append(model(ids, labels=ids).loss.item())
+    assert logged["loss"] == pytest.approx(sum(losses) / accum, rel=1e-5)
+
+
+def test_dense_model_trains_in_one_process(tiny_recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain `python -m drop_upcycling.train` (world of one) on a dense model: no aux loss, no expert load."""
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(key, value)
+    d = yaml.safe_load(tiny_recipe.read_text())
+    d["model"] = {"base": "tiny-dense", "vocab_size": 8192}
+    config = tmp_path / "dense.yaml"
+    config.write_text(yaml.safe_dump(d))
+    assert train_run(_args(str(config), "--out", str(tmp_path / "out"), "--steps", "3")) == 0
+    rows = _metrics(tmp_path / "out")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["aux_loss"] is None and r["expert_load"] == [] and r["loss"] == r["lm_loss"] for r in rows)
+    hf = json.loads((tmp_path / "out" / "checkpoints" / "step-00000003" / "config.json").read_text())
+    assert hf["model_type"] == "llama"

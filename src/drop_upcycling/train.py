@@ -360,8 +360,10 @@ class Trainer:
         lr = lr_at(self.step, run)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        sums = torch.zeros(3, dtype=torch.float64)
-        counts = torch.zeros(cfg.num_hidden_layers if cfg.is_moe else 0, max(cfg.num_experts, 1), dtype=torch.float64)
+        # Metrics stay on the device until the end of the step (NCCL reduces device tensors only).
+        sums = torch.zeros(3, dtype=torch.float64, device=env.device)
+        counts = torch.zeros(cfg.num_hidden_layers if cfg.is_moe else 0, max(cfg.num_experts, 1), dtype=torch.float64,
+                             device=env.device)
         for _ in range(self.accum):
             ids = self.reader.next_batch(run.micro_batch_size).to(env.device)
             with self.autocast:
@@ -369,10 +371,10 @@ class Trainer:
                 losses = data_parallel_loss(out.logits, ids, out.router_logits, cfg,
                                             group=env.world_pg if env.world_size > 1 else None)
             (losses.loss / self.accum).backward()
-            aux = losses.aux_loss.detach().double().cpu() if losses.aux_loss is not None else torch.zeros((), dtype=torch.float64)
-            sums += torch.stack([losses.loss.detach().double().cpu(), losses.lm_loss.detach().double().cpu(), aux])
+            aux = losses.aux_loss if losses.aux_loss is not None else torch.zeros((), device=env.device)
+            sums += torch.stack([losses.loss.detach(), losses.lm_loss.detach(), aux.detach()]).double()
             for layer, ids_TK in enumerate(out.expert_ids):
-                counts[layer] += torch.bincount(ids_TK.reshape(-1).cpu(), minlength=cfg.num_experts).double()
+                counts[layer] += torch.bincount(ids_TK.reshape(-1), minlength=cfg.num_experts).double()
         reduce_gradients(self.model, env)
         grad_norm = clip_gradients(self.model, env, run.grad_clip)
         self.optimizer.step()
@@ -381,7 +383,8 @@ class Trainer:
         if counts.numel() and env.world_size > 1:
             dist.all_reduce(counts, group=env.world_pg)
         load = (counts / counts.sum(-1, keepdim=True).clamp_min(1)).tolist()
-        return StepStats(loss=float(sums[0]), lm_loss=float(sums[1]), aux_loss=float(sums[2]) if cfg.is_moe else None,
+        sums = sums.tolist()
+        return StepStats(loss=sums[0], lm_loss=sums[1], aux_loss=sums[2] if cfg.is_moe else None,
                          grad_norm=grad_norm, expert_load=[[round(x, 5) for x in row] for row in load])
 
     def train(self) -> Path:

@@ -348,6 +348,7 @@ class Trainer:
         if path is None:
             if self.env.is_main:
                 log.info("no checkpoint under %s: starting from step 0", self.out / CHECKPOINTS)
+                _truncate_metrics(self.out / "metrics.jsonl", 0)
             return
         state = load_checkpoint(path, self.model, self.optimizer, self.reader, self.env)
         self.step, self.tokens = state["step"], state["tokens"]

@@ -371,3 +371,63 @@ def test_prepare_all_is_cached_and_atomic(corpus_dir: Path, prepared: PreparedDa
     with pytest.raises(KeyboardInterrupt):
         prepare_all(corpus_dir, tmp_path / "cache", vocab_size=VOCAB, max_docs_per_domain=MAX_DOCS)
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- other corpora and formats
+def test_other_corpora_plug_in(prepared: PreparedData, tmp_path: Path) -> None:
+    import gzip
+
+    import pandas as pd
+
+    texts = {d: list(iter_documents(prepared, "train", d))[:40] for d in ("ja_mc4", "code_stack")}
+    folder = tmp_path / "ja"
+    folder.mkdir()
+    for i in range(2):  # a folder of compressed JSONL parts, records with another text field
+        with gzip.open(folder / f"part{i}.jsonl.gz", "wt", encoding="utf-8") as f:
+            for t in texts["ja_mc4"][i::2]:
+                f.write(json.dumps({"content": t, "url": "x"}, ensure_ascii=False) + "\n")
+    pd.DataFrame({"content": texts["code_stack"]}).to_parquet(tmp_path / "code.parquet")
+    out = tmp_path / "splits"
+    assert main(["data", "corpus", "--input", f"ja={folder}", "--input", f"code={tmp_path / 'code.parquet'}",
+                 "--text-key", "content", "--seed", "5",  # seed 0 would reproduce the train split
+                 "--val-fraction", "0.2", "--test-fraction", "0.2", "--out", str(out)]) == 0
+    for domain, source in (("ja", "ja_mc4"), ("code", "code_stack")):
+        got = [r["text"] for s in SPLITS for r in _jsonl(out / s / f"{domain}.jsonl")]
+        assert sorted(got) == sorted(set(texts[source]))
+    assert main(["data", "corpus", "--input", "ja", "--out", str(tmp_path / "x")]) == 2
+    assert main(["data", "corpus", "--input", f"ja={tmp_path / 'none'}", "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
+
+    # A domain given as a folder of JSONL parts is split over datatrove tasks, one shard per task.
+    parts = tmp_path / "parts" / "train" / "ja"
+    parts.mkdir(parents=True)
+    for i in range(2):
+        (parts / f"{i}.jsonl").write_text("".join(json.dumps({"text": t, "id": str(j)}) + "\n"
+                                                  for j, t in enumerate(texts["ja_mc4"][i::2])))
+    shards = data.tokenize_shards(tmp_path / "parts", prepared.tokenizer_dir, tmp_path / "shards", tasks=2,
+                                  splits=["train"])
+    files = sorted((shards / "train" / "ja").glob("*.ds"))
+    assert len(files) == 2
+    docs = [len(np.fromfile(str(f) + ".index", dtype="<u8")) for f in files]
+    assert docs == [len(texts["ja_mc4"][0::2]), len(texts["ja_mc4"][1::2])]
+
+
+def test_uint32_shards_and_bad_tokenizers(prepared: PreparedData, tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 100_000, size=1000, dtype=np.uint32)  # a vocab past 65,536 -> 4-byte tokens
+    path = tmp_path / "big_00000_unshuffled.ds"
+    tokens.astype("<u4").tofile(path)
+    np.array([300, 700, 1000], dtype="<u8").tofile(str(path) + ".index")
+    Path(str(path) + ".metadata").write_text("llm-jp/llm-jp-3-1.8b|4\n1000\n1 kT")
+    assert np.array_equal(read_shard(path), tokens)
+    reader = TokenSequenceReader({"big": [path]}, 100, seed=0)
+    got = reader.next_batch(10)
+    assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, tokens.astype(np.int64).reshape(10, 100).tolist()))
+    Path(str(path) + ".metadata").write_text("x|2\n1000\n1 kT")  # metadata disagreeing with the file size
+    with pytest.raises(UserError, match="truncated or does not match"):
+        read_shard(path)
+    with pytest.raises(UserError, match="has no token"):
+        data.tokenize_shards(prepared.splits_dir, prepared.tokenizer_dir, tmp_path / "s", eos_token="</s>")
+    with pytest.raises(UserError, match="not loadable from the hub"):
+        data.tokenize_shards(prepared.splits_dir, "no-such-org/no-such-tokenizer", tmp_path / "s")
+    assert not (tmp_path / "s").exists()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -44,6 +45,7 @@ from .data_pipeline import (
     download_corpus,
     jsonl_files,
     prepare_corpus,
+    read_texts,
     resolve_corpus,
     split_domains,
     tokenize_shards,
@@ -56,7 +58,7 @@ from .errors import UserError
 __all__ = [
     "CORPUS_BASE_URL", "CORPUS_COMMIT", "CORPUS_SHA256", "CORPUS_URLS", "DOMAINS", "EOS_TOKEN", "PAD_TOKEN",
     "SPLITS", "PreparedData", "TokenSequenceReader", "check_vocab", "configure_parser", "download_corpus",
-    "iter_documents", "iter_domain_sequences", "prepare_all", "prepare_corpus", "read_shard",
+    "iter_documents", "iter_domain_sequences", "prepare_all", "prepare_corpus", "read_shard", "read_texts",
     "resolve_corpus", "run", "split_domains", "tokenize_shards", "train_tokenizer", "verify_corpus",
     "write_splits",
 ]
@@ -415,6 +417,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("corpus", help="verify (or download) the corpus and write JSONL train/validation/test splits")
     p.add_argument("--corpus", type=Path, metavar="DIR", help="corpus folder (default: $DROP_UPCYCLING_CORPUS, "
                    "the user cache, else download)")
+    p.add_argument("--input", action="append", metavar="DOMAIN=PATH", default=[],
+                   help="another corpus instead: a .jsonl[.gz]/.parquet file or folder per domain (repeat)")
+    p.add_argument("--text-key", default="text", help="text field of --input records")
     p.add_argument("--out", type=Path, required=True, metavar="DIR")
     p.add_argument("--seed", type=int, default=0, help="salt of the document-hash split")
     p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION)
@@ -428,7 +433,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true")
     p = sub.add_parser("tokenize", help="datatrove: JSONL splits -> .ds token shards per split and domain")
     p.add_argument("--splits", type=Path, required=True, metavar="DIR", help="folder with train/ validation/ test/")
-    p.add_argument("--tokenizer", type=Path, required=True, metavar="DIR", help="folder with tokenizer.json")
+    p.add_argument("--tokenizer", required=True, metavar="DIR|ID",
+                   help="folder with tokenizer.json, a tokenizer.json, or a hub id (e.g. llm-jp/llm-jp-3-1.8b)")
+    p.add_argument("--eos-token", default=EOS_TOKEN, help=f"appended after every document (default {EOS_TOKEN})")
     p.add_argument("--out", type=Path, required=True, metavar="DIR")
     p.add_argument("--tasks", type=int, default=1, help="datatrove tasks per (split, domain) (split by input file)")
     p.add_argument("--workers", type=int, default=1, help="tasks run in parallel")
@@ -440,8 +447,27 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1)
 
 
+def _parse_inputs(specs: list[str], text_key: str, limit: int | None) -> dict[str, Iterator[str]]:
+    inputs: dict[str, Iterator[str]] = {}
+    for spec in specs:
+        domain, sep, path = spec.partition("=")
+        if not sep or not domain or not path:
+            raise UserError(f"--input must be DOMAIN=PATH, got {spec!r}")
+        if domain in inputs:
+            raise UserError(f"--input names domain {domain} twice")
+        if not Path(path).expanduser().exists():
+            raise UserError(f"input {path} does not exist")
+        inputs[domain] = itertools.islice(read_texts(path, text_key), limit)
+    return inputs
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.step == "corpus":
+    if args.step == "corpus" and args.input:
+        out = write_splits(_parse_inputs(args.input, args.text_key, args.max_docs_per_domain), args.out,
+                           seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                           overwrite=args.overwrite)
+        print(json.dumps(json.loads((out / "splits.json").read_text())["documents"]))
+    elif args.step == "corpus":
         corpus = resolve_corpus(args.corpus)
         out = prepare_corpus(corpus, args.out, seed=args.seed, val_fraction=args.val_fraction,
                              test_fraction=args.test_fraction, max_docs_per_domain=args.max_docs_per_domain,
@@ -451,7 +477,8 @@ def run(args: argparse.Namespace) -> int:
         out = train_tokenizer(args.train, args.out, vocab_size=args.vocab_size, overwrite=args.overwrite)
         print(f"{out}: {check_vocab(out, 2**32)} tokens")
     elif args.step == "tokenize":
-        out = tokenize_shards(args.splits, args.tokenizer, args.out, tasks=args.tasks, workers=args.workers)
+        out = tokenize_shards(args.splits, args.tokenizer, args.out, tasks=args.tasks, workers=args.workers,
+                              eos_token=args.eos_token)
         print(out)
     else:
         prepared = prepare_all(args.corpus, args.cache_dir, vocab_size=args.vocab_size, seed=args.seed,

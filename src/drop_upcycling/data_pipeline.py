@@ -219,6 +219,36 @@ def write_splits(
     return Path(out_dir)
 
 
+def read_texts(source: str | Path, text_key: str = "text") -> Iterator[str]:
+    """Texts of a JSONL / JSONL.gz / Parquet file, or of every such file under a folder, via datatrove's readers.
+
+    This is how other corpora (llm-jp-corpus v3 folders, any exported dataset) become one domain of
+    :func:`write_splits`; for a Hugging Face dataset use datatrove's ``HuggingFaceDatasetReader`` and
+    pass ``(d.text for d in reader())`` to :func:`write_splits` directly.
+    """
+    from datatrove.pipeline.readers import JsonlReader, ParquetReader
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and (".jsonl" in p.name or p.suffix == ".parquet"))
+    elif path.is_file():
+        files = [path]
+    else:
+        raise UserError(f"input {source} does not exist")
+    if not files:
+        raise UserError(f"input {source} holds no .jsonl[.gz] or .parquet files")
+    for f in files:
+        if f.suffix == ".parquet":
+            reader = ParquetReader(str(f.parent), text_key=text_key, doc_progress=False)
+        elif ".jsonl" in f.name or f.suffix == ".json":
+            reader = JsonlReader(str(f.parent), text_key=text_key, doc_progress=False)
+        else:
+            raise UserError(f"input {f} is neither .jsonl[.gz] nor .parquet")
+        for doc in reader.read_file(f.name):
+            if doc.text.strip():
+                yield doc.text
+
+
 def prepare_corpus(
     corpus_dir: str | Path,
     out_dir: str | Path,
@@ -362,8 +392,10 @@ class _ShardJobs:
     parallel and one completion log covers everything; ``tasks`` splits each domain's files further.
     """
 
-    def __init__(self, jobs: list[tuple[str, str, str, str]], tasks: int, tokenizer_json: str, out_dir: str):
+    def __init__(self, jobs: list[tuple[str, str, str, str]], tasks: int, tokenizer_json: str, out_dir: str,
+                 eos_token: str = EOS_TOKEN):
         self.jobs, self.tasks, self.tokenizer_json, self.out_dir = jobs, tasks, tokenizer_json, out_dir
+        self.eos_token = eos_token
 
     def __call__(self, data: object, rank: int = 0, world_size: int = 1) -> None:
         from datatrove.pipeline.readers import JsonlReader
@@ -377,11 +409,33 @@ class _ShardJobs:
             output_folder=str(Path(self.out_dir) / split / domain),
             tokenizer_name_or_path=self.tokenizer_json,
             save_filename=domain,
-            eos_token=EOS_TOKEN,
+            eos_token=self.eos_token,
             shuffle_documents=False,
             batch_size=1000,
         )
         writer(reader(None, sub, self.tasks), sub, self.tasks)
+
+
+def resolve_tokenizer_json(tokenizer: str | Path) -> Path:
+    """``tokenizer.json`` of a directory, the file itself, or of a hub id (e.g. ``llm-jp/llm-jp-3-1.8b``).
+
+    A hub id is fetched through the Hugging Face cache, so it works offline once cached.
+    """
+    path = Path(tokenizer).expanduser()
+    if path.is_dir():
+        if not (path / "tokenizer.json").is_file():
+            raise UserError(f"{path} has no tokenizer.json (train one with `drop-upcycling data tokenizer`)")
+        return path / "tokenizer.json"
+    if path.is_file():
+        return path
+    if path.is_absolute() or str(tokenizer).startswith(".") or str(tokenizer).count("/") != 1:
+        raise UserError(f"tokenizer {tokenizer} does not exist (a directory with tokenizer.json, or a hub id)")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(str(tokenizer), "tokenizer.json"))
+    except Exception as e:  # offline and not cached, unknown repo, no tokenizer.json
+        raise UserError(f"tokenizer {tokenizer}: not a local path and not loadable from the hub ({e})") from e
 
 
 def tokenize_shards(
@@ -392,10 +446,12 @@ def tokenize_shards(
     tasks: int = 1,
     workers: int = 1,
     splits: Iterable[str] = SPLITS,
+    eos_token: str = EOS_TOKEN,
 ) -> Path:
     """datatrove ``JsonlReader -> DocumentTokenizer`` per (split, domain) into ``out_dir/{split}/{domain}/*.ds``.
 
-    Each document is followed by ``<|endoftext|>``. Runs in place (not atomically) so that a rerun
+    Each document is followed by ``eos_token`` (``</s>`` for the LLM-jp tokenizers; ``tokenizer_dir``
+    may also be a ``tokenizer.json`` path or a hub id, see :func:`resolve_tokenizer_json`). Runs in place (not atomically) so that a rerun
     skips what finished: the executor's ``logs/completions`` mark finished tasks and a task killed
     midway is redone from scratch. ``DONE`` is written last; readers check it. ``tasks`` > 1 helps
     when a domain is a folder of many JSONL files (datatrove splits work by file); ``workers`` runs
@@ -404,9 +460,11 @@ def tokenize_shards(
     from datatrove.executor import LocalPipelineExecutor
 
     jsonl_dir, out_dir = Path(jsonl_dir), Path(out_dir)
-    tokenizer_json = Path(tokenizer_dir) / "tokenizer.json"
-    if not tokenizer_json.is_file():
-        raise UserError(f"{tokenizer_json} does not exist (train one with `drop-upcycling data tokenizer`)")
+    tokenizer_json = resolve_tokenizer_json(tokenizer_dir)
+    from tokenizers import Tokenizer
+
+    if Tokenizer.from_file(str(tokenizer_json)).token_to_id(eos_token) is None:
+        raise UserError(f"tokenizer {tokenizer_dir} has no token {eos_token!r} (pass the tokenizer's eos token)")
     if tasks < 1 or workers < 1:
         raise UserError(f"tasks and workers must be >= 1, got {tasks}, {workers}")
     jobs = []
@@ -422,7 +480,7 @@ def tokenize_shards(
         raise UserError(f"{jsonl_dir} holds no JSONL documents")
     # What this output folder is for; a rerun with other inputs, tokenizer or --tasks must not reuse
     # the completed tasks of the first (datatrove's skip logic only knows task numbers).
-    plan = {"tokenizer_sha256": sha256_file(tokenizer_json), "tasks": tasks,
+    plan = {"tokenizer_sha256": sha256_file(tokenizer_json), "eos_token": eos_token, "tasks": tasks,
             "jobs": [[s, d, [str(f.resolve()) for f in files]] for s, d, files in jobs]}
     plan_file, done = out_dir / "plan.json", out_dir / "DONE"
     if plan_file.is_file() and json.loads(plan_file.read_text()) != plan:
@@ -438,7 +496,7 @@ def tokenize_shards(
         paths_file.write_text("".join(f"{f.name}\n" for f in files))
         specs.append((split, domain, str(files[0].parent), str(paths_file)))
     executor = LocalPipelineExecutor(
-        [_ShardJobs(specs, tasks, str(tokenizer_json), str(out_dir))],
+        [_ShardJobs(specs, tasks, str(tokenizer_json), str(out_dir), eos_token)],
         tasks=len(jobs) * tasks, workers=min(workers, len(jobs) * tasks), logging_dir=str(out_dir / "logs"),
     )
     executor.run()

@@ -341,6 +341,13 @@ def test_domain_iterators(prepared: PreparedData) -> None:
     assert len(seqs) == len(stream) // 100
     assert torch.equal(torch.cat(seqs), torch.from_numpy(stream[:len(seqs) * 100]))
     assert len(list(iter_domain_sequences(prepared, "test", "en_wikipedia", 100, max_tokens=350))) == 3
+    everything = [f for s in SPLITS for f in prepared.shard_files(s, "ja_mc4")]
+    stream = np.concatenate([np.fromfile(f, dtype="<u2") for f in everything]).astype(np.int64)
+    seqs = list(iter_domain_sequences(prepared, "all", "ja_mc4", 1000))
+    assert len(seqs) == len(stream) // 1000  # windows span file boundaries
+    assert torch.equal(torch.cat(seqs), torch.from_numpy(stream[:len(seqs) * 1000]))
+    assert len(list(iter_documents(prepared, "all", "c4"))) == sum(
+        len(_jsonl(prepared.splits_dir / s / "c4.jsonl")) for s in SPLITS)
     rows = _jsonl(prepared.splits_dir / "test" / "en_wikipedia.jsonl")
     assert list(iter_documents(prepared, "test", "en_wikipedia")) == [r["text"] for r in rows]
     with pytest.raises(UserError, match="unknown domain"):
@@ -355,6 +362,10 @@ def test_prepare_all_is_cached_and_atomic(corpus_dir: Path, prepared: PreparedDa
     assert again == prepared
     assert [p.name for p in prepared.root.parent.iterdir()] == [prepared.root.name]  # no temp dirs left
     assert PreparedData.load(prepared.root) == prepared
+    meta = json.loads((prepared.root / "prepared.json").read_text())
+    for split in SPLITS:
+        for d in DOMAINS:
+            assert meta["tokens"][split][d] == sum(len(read_shard(f)) for f in prepared.shard_files(split, d))
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt

@@ -23,12 +23,14 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .checkpoint import write_json
 from .data_pipeline import (
@@ -49,6 +51,7 @@ from .data_pipeline import (
     resolve_corpus,
     split_domains,
     tokenize_shards,
+    tokenizer_vocab_size,
     train_tokenizer,
     verify_corpus,
     write_splits,
@@ -65,7 +68,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DATA_FORMAT_VERSION = 1  # bump when the build steps change what they write
+DATA_FORMAT_VERSION = 2  # bump when the build steps change what they write (2: exact JsonlReader inputs)
 PREPARED_FILE = "prepared.json"
 DEFAULT_VAL_FRACTION = 0.05
 DEFAULT_TEST_FRACTION = 0.05
@@ -92,12 +95,10 @@ class PreparedData:
         return cls(root, root / "splits", root / "tokenizer", root / "shards", tuple(meta["domains"]))
 
     def shard_files(self, split: str, domain: str) -> list[Path]:
-        """The ``.ds`` files of one domain in one split, in a fixed order."""
-        if split not in SPLITS:
-            raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        """The ``.ds`` files of one domain in one split (``"all"``: train, validation, test), in a fixed order."""
         if domain not in self.domains:
             raise UserError(f"unknown domain {domain!r} (known: {', '.join(self.domains)})")
-        files = sorted((self.shards_dir / split / domain).glob("*.ds"))
+        files = [f for s in _splits_of(split) for f in sorted((self.shards_dir / s / domain).glob("*.ds"))]
         if not files:
             raise UserError(f"no .ds shards for {split}/{domain} under {self.shards_dir}")
         return files
@@ -107,7 +108,16 @@ class PreparedData:
 
     @property
     def vocab_size(self) -> int:
-        return check_vocab(self.tokenizer_dir, 2**32)
+        """Tokens of the prepared tokenizer (at most the requested ``vocab_size``)."""
+        return tokenizer_vocab_size(self.tokenizer_dir)
+
+
+def _splits_of(split: str) -> tuple[str, ...]:
+    if split == "all":
+        return SPLITS
+    if split not in SPLITS:
+        raise UserError(f"split must be one of {', '.join(SPLITS)} or all, got {split!r}")
+    return (split,)
 
 
 def _cache_key(corpus_sha: dict[str, str], options: dict) -> str:
@@ -147,12 +157,21 @@ def prepare_all(
     try:
         (tmp / "owner").write_text(f"{socket.gethostname()} {os.getpid()}\n")
         log.info("preparing data in %s (corpus %s)", root, corpus_dir)
-        prepare_corpus(corpus_dir, tmp / "splits", seed=seed, val_fraction=val_fraction,
-                       test_fraction=test_fraction, max_docs_per_domain=max_docs_per_domain)
-        train_tokenizer(tmp / "splits" / "train", tmp / "tokenizer", vocab_size=vocab_size)
-        tokenize_shards(tmp / "splits", tmp / "tokenizer", tmp / "shards", workers=workers)
+        steps = [
+            ("splits", lambda: prepare_corpus(corpus_dir, tmp / "splits", seed=seed, val_fraction=val_fraction,
+                                              test_fraction=test_fraction, max_docs_per_domain=max_docs_per_domain)),
+            ("tokenizer", lambda: train_tokenizer(tmp / "splits" / "train", tmp / "tokenizer", vocab_size=vocab_size)),
+            ("shards", lambda: tokenize_shards(tmp / "splits", tmp / "tokenizer", tmp / "shards", workers=workers)),
+        ]
+        seconds = {}
+        for name, step in tqdm(steps, desc="prepare data", unit="step", disable=None):
+            start = time.perf_counter()
+            step()
+            seconds[name] = round(time.perf_counter() - start, 2)
+        tokens = {s: {d: _tokens_in(tmp / "shards" / s / d) for d in DOMAINS} for s in SPLITS}
         write_json(tmp / PREPARED_FILE, {"key": key, "corpus_sha256": CORPUS_SHA256, "options": options,
-                                         "domains": list(DOMAINS)})
+                                         "domains": list(DOMAINS), "tokens": tokens, "seconds": seconds})
+        log.info("prepared data: %s tokens per split and domain, step seconds %s", tokens, seconds)
         try:
             tmp.rename(root)
         except OSError:
@@ -163,6 +182,15 @@ def prepare_all(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return PreparedData.load(root)
+
+
+def _tokens_in(folder: Path) -> int:
+    """Tokens (eos included) of a folder of shards, from the last entry of each index."""
+    total = 0
+    for index in folder.glob("*.ds.index"):
+        if index.stat().st_size:
+            total += int(np.fromfile(index, dtype="<u8", offset=index.stat().st_size - 8)[0])
+    return total
 
 
 def _remove_orphans(cache: Path) -> None:
@@ -371,7 +399,10 @@ class TokenSequenceReader:
         if set(state.get("weights", {})) != set(self.domains) or any(
                 abs(state["weights"][d] - self.weights[d]) > 1e-12 for d in self.domains):
             raise UserError(f"reader state was saved with domain weights {state.get('weights')}, now {self.weights}")
-        self._consumed = {d: int(state["consumed"][d]) for d in self.domains}
+        consumed = state.get("consumed")
+        if not isinstance(consumed, dict) or set(consumed) != set(self.domains):
+            raise UserError(f"reader state has no position for domains {self.domains}")
+        self._consumed = {d: int(consumed[d]) for d in self.domains}
 
 
 # ---------------------------------------------------------------------------- evaluation iterators
@@ -379,30 +410,32 @@ def iter_domain_sequences(prepared: PreparedData, split: str, domain: str, seq_l
                           max_tokens: int | None = None) -> Iterator[torch.Tensor]:
     """Consecutive ``seq_len``-token windows of one domain's shards, in file order (no shuffle).
 
-    Files are read as one stream (a window may span two files); the last partial window is dropped;
-    ``max_tokens`` stops before a window that would exceed it.
+    For evaluation and routing analysis, where every run must see the same tokens. Files are one
+    stream (a window may span two files, documents stay separated by their eos); the last partial
+    window is dropped; ``max_tokens`` stops before a window that would exceed it. ``split="all"``
+    reads train, validation and test (e.g. to reach the paper's ~205k routing tokens per domain).
     """
     if seq_len < 1:
         raise UserError(f"seq_len must be >= 1, got {seq_len}")
     limit = None if max_tokens is None else max_tokens // seq_len
-    carry = np.zeros(0, dtype=np.int64)
-    n = 0
+    buf = np.empty(seq_len, dtype=np.int64)
+    fill = n = 0
     for path in prepared.shard_files(split, domain):
-        tokens = np.concatenate([carry, np.asarray(read_shard(path), dtype=np.int64)])
-        full = len(tokens) // seq_len
-        for i in range(full):
+        tokens, pos = read_shard(path), 0
+        while pos < len(tokens):
             if limit is not None and n >= limit:
                 return
-            yield torch.from_numpy(tokens[i * seq_len:(i + 1) * seq_len].copy())
-            n += 1
-        carry = tokens[full * seq_len:]
+            take = min(seq_len - fill, len(tokens) - pos)
+            buf[fill:fill + take] = tokens[pos:pos + take]
+            fill, pos = fill + take, pos + take
+            if fill == seq_len:
+                yield torch.from_numpy(buf.copy())
+                fill, n = 0, n + 1
 
 
 def iter_documents(prepared: PreparedData, split: str, domain: str) -> Iterator[str]:
-    """The raw text of each document of one domain in one split, in file order."""
-    if split not in SPLITS:
-        raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    files = jsonl_files(Path(prepared.splits_dir) / split, domain)
+    """The raw text of each document of one domain in one split (or ``"all"``), in file order."""
+    files = [f for s in _splits_of(split) for f in jsonl_files(Path(prepared.splits_dir) / s, domain)]
     if not files:
         raise UserError(f"no documents for {split}/{domain} under {prepared.splits_dir}")
     for path in files:

@@ -353,16 +353,70 @@ def test_paper_suite_offline_names_the_missing_datasets(dense_dir: Path, tmp_pat
                                                         monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture) -> None:
     import datasets
+    import evaluate.config
+    import huggingface_hub.constants
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # An empty cache, and the offline flags restored afterwards (the command sets them process-wide).
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "empty_cache")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(evaluate.config, "HF_MODULES_CACHE", tmp_path / "empty_modules")
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+    for module, attr in ((datasets.config, "HF_HUB_OFFLINE"), (datasets.config, "HF_DATASETS_OFFLINE"),
+                         (huggingface_hub.constants, "HF_HUB_OFFLINE"), (evaluate.config, "HF_EVALUATE_OFFLINE")):
+        monkeypatch.setattr(module, attr, getattr(module, attr))
     rc = main(["evaluate", str(dense_dir), "--suite", "paper", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1
-    for name in ("allenai/openbookqa", "Rowan/hellaswag", "sbintuitions/JEMHopQA", "lighteval/sacrebleu_manual"):
+    for name in ("allenai/openbookqa", "Rowan/hellaswag", "sbintuitions/JEMHopQA", "lighteval/sacrebleu_manual",
+                 "metric squad_v2"):
         assert name in err
     assert not (tmp_path / "out").exists()
+
+
+def test_our_paper_task_yamls_run_in_lm_eval(dense_dir: Path, tmp_path: Path) -> None:
+    """JEMHopQA, NIILC and WMT20 YAMLs end to end in lm-eval, on stand-in data with the Hub schemas.
+
+    Each task is included unchanged and only pointed at local JSON files (plus 4 generated tokens).
+    """
+    import yaml
+
+    from drop_upcycling.evaluate import _cached_task_manager, evaluate_checkpoint, results_rows
+
+    def jsonl(name: str, rows: list[dict]) -> str:
+        (tmp_path / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        return str(tmp_path / name)
+
+    qa = [{"qid": str(i), "question": f"日本の首都はどこ？{i}", "answer": "東京"} for i in range(6)]
+    niilc = [{"question": f"富士山の高さは？{i}", "answers": ["3776メートル", "3776m"]} for i in range(6)]
+    wmt = [{"translation": repr({"en": f"Hello world {i}.", "ja": f"こんにちは世界{i}。"})} for i in range(6)]
+    files = {
+        "du_jemhopqa": {"train": jsonl("jt.jsonl", qa), "validation": jsonl("jv.jsonl", qa)},
+        "du_niilc": {"dev": jsonl("nd.jsonl", niilc), "test": jsonl("nt.jsonl", niilc)},
+        "du_wmt20_en_ja": {"test": jsonl("wmt.jsonl", wmt)},
+        "du_wmt20_ja_en": {"test": jsonl("wmt.jsonl", wmt)},
+    }
+    inc = tmp_path / "tasks"
+    inc.mkdir()
+    for task, data_files in files.items():
+        (inc / f"{task}_local.yaml").write_text(yaml.safe_dump({
+            "include": str(PAPER_DIR / f"{task}.yaml"), "task": f"{task}_local", "dataset_path": "json",
+            "dataset_name": None, "dataset_kwargs": {"data_files": data_files},
+            "generation_kwargs": {"until": ["\n"], "do_sample": False, "max_gen_toks": 4}}))
+    names = [f"{t}_local" for t in files]
+    results = evaluate_checkpoint(dense_dir, _cached_task_manager((str(inc),), False), names, limit=3)
+    metrics = {(r["task"], r["metric"]): r for r in results_rows("m", results)}
+    assert set(metrics) == {
+        ("du_jemhopqa_local", "char_f1"), ("du_jemhopqa_local", "exact_match"),
+        ("du_niilc_local", "char_f1"), ("du_niilc_local", "exact_match"),
+        ("du_wmt20_en_ja_local", "chrf"), ("du_wmt20_en_ja_local", "char_bleu"),
+        ("du_wmt20_ja_en_local", "bleu"), ("du_wmt20_ja_en_local", "chrf"),
+    }
+    for (_, metric), row in metrics.items():
+        assert row["n"] == 3
+        assert 0.0 <= row["value"] <= (1.0 if metric in ("char_f1", "exact_match") else 100.0)
+    configs = results["configs"]
+    assert configs["du_niilc_local"]["num_fewshot"] == 4 and configs["du_niilc_local"]["fewshot_split"] == "dev"
+    assert configs["du_wmt20_en_ja_local"]["doc_to_text"].startswith("英語:")
 
 
 def test_missing_metric_packages_are_named(monkeypatch: pytest.MonkeyPatch) -> None:

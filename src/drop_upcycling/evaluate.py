@@ -54,7 +54,9 @@ CSV_COLUMNS = ("checkpoint", "task", "metric", "value", "stderr", "n")
 SUITES = ("local", "paper")
 NUM_CHOICES = 4
 # Python packages the paper suite's metric code imports (lm-eval's ja_leaderboard_xlsum: MeCab ROUGE-2).
-PAPER_REQUIREMENTS = {"ja_leaderboard_xlsum": ("fugashi", "emoji", "neologdn", "rouge_score")}
+PAPER_REQUIREMENTS = {"ja_leaderboard_xlsum": ("fugashi", "unidic_lite", "emoji", "neologdn", "rouge_score")}
+# Metrics that lm-eval tasks fetch from the Hub with ``evaluate.load`` when they aggregate (after all generation).
+HUB_METRICS = {"squadv2": "squad_v2"}
 
 
 # ---------------------------------------------------------------------------- the local suite
@@ -392,11 +394,33 @@ def hub_offline() -> bool:
         return True
 
 
-def check_datasets_cached(datasets_by_task: dict[str, tuple[str, str | None]]) -> None:
-    """Offline: fail at once, naming every Hub dataset that is not in the local cache.
+def force_offline() -> None:
+    """Switch every Hub client in this process to offline mode (they read their flags at import).
 
-    Asks ``datasets`` in offline mode (what lm-eval will call later), so "cached" means exactly
-    "lm-eval will find it"; nothing is retried against the network.
+    Called once the Hub is known to be unreachable, so that nothing later (lm-eval, ``datasets``,
+    ``evaluate``, ``transformers``) waits on network retries.
+    """
+    import datasets
+    import huggingface_hub.constants
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ[var] = "1"
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+    try:
+        import evaluate.config
+
+        evaluate.config.HF_EVALUATE_OFFLINE = True
+    except ImportError:
+        pass
+
+
+def check_datasets_cached(datasets_by_task: dict[str, tuple[str, str | None]], tasks: Iterable[str] = ()) -> None:
+    """Offline: fail at once, naming every Hub dataset (and Hub metric) that is not in the local cache.
+
+    Asks ``datasets`` (and ``evaluate``) in offline mode, what lm-eval will call later, so "cached"
+    means exactly "lm-eval will find it"; nothing is retried against the network. Metrics matter
+    because lm-eval loads them only when it aggregates, after every generation has run.
     """
     import datasets
     from datasets.utils.logging import disable_progress_bar
@@ -409,9 +433,17 @@ def check_datasets_cached(datasets_by_task: dict[str, tuple[str, str | None]]) -
             datasets.load_dataset_builder(path, name)
         except Exception:  # ConnectionError, FileNotFoundError, DatasetNotFoundError... all mean "not here"
             missing.append(f"{label} for {task}")
+    for task in tasks:
+        if task in HUB_METRICS:
+            import evaluate
+
+            try:
+                evaluate.load(HUB_METRICS[task])
+            except Exception:
+                missing.append(f"metric {HUB_METRICS[task]} (evaluate) for {task}")
     if missing:
         raise UserError(
-            "offline (HF_HUB_OFFLINE) and these datasets are not in the Hugging Face cache: "
+            "offline (HF_HUB_OFFLINE) and these are not in the Hugging Face cache: "
             + "; ".join(missing) + ". Run once with network access to download them, or use --suite local"
         )
 
@@ -564,8 +596,9 @@ def evaluate(checkpoints: Sequence[str | Path], suite: str, out: str | Path, *, 
     tm = task_manager(plan)
     leaves = leaf_tasks(tm, plan.names)
     hub = task_datasets(tm, leaves)
-    if hub and hub_offline():
-        check_datasets_cached(hub)
+    if (hub or any(t in HUB_METRICS for t in leaves)) and hub_offline():
+        force_offline()
+        check_datasets_cached(hub, leaves)
     check_requirements(leaves)
 
     import torch

@@ -298,3 +298,14 @@ def test_dense_model_trains_in_one_process(tiny_recipe: Path, tmp_path: Path, mo
     assert all(r["aux_loss"] is None and r["expert_load"] == [] and r["loss"] == r["lm_loss"] for r in rows)
     hf = json.loads((tmp_path / "out" / "checkpoints" / "step-00000003" / "config.json").read_text())
     assert hf["model_type"] == "llama"
+
+
+def test_resume_with_another_number_of_data_ranks_is_refused(reference_run: Path, tiny_recipe: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "out"
+    shutil.copytree(reference_run, out)
+    with pytest.raises(UserError, match="written by 2 data ranks; resuming with 1"):
+        train_run(_args(str(tiny_recipe), "--out", str(out), "--resume"))

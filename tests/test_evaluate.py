@@ -402,8 +402,11 @@ def test_our_paper_task_yamls_run_in_lm_eval(dense_dir: Path, tmp_path: Path) ->
             "include": str(PAPER_DIR / f"{task}.yaml"), "task": f"{task}_local", "dataset_path": "json",
             "dataset_name": None, "dataset_kwargs": {"data_files": data_files},
             "generation_kwargs": {"until": ["\n"], "do_sample": False, "max_gen_toks": 4}}))
-    names = [f"{t}_local" for t in files]
-    results = evaluate_checkpoint(dense_dir, _cached_task_manager((str(inc),), False), names, limit=3)
+    # The group as du_paper.yaml writes it (per-task shot counts), over the local stand-ins.
+    paper = yaml.safe_load((PAPER_DIR / f"{PAPER_GROUP}.yaml").read_text())
+    members = [{**m, "task": f"{m['task']}_local", "num_fewshot": 3} for m in paper["task"] if m["task"] in files]
+    (inc / "group.yaml").write_text(yaml.safe_dump({"group": "paper_local", "task": members}))
+    results = evaluate_checkpoint(dense_dir, _cached_task_manager((str(inc),), False), ["paper_local"], limit=3)
     metrics = {(r["task"], r["metric"]): r for r in results_rows("m", results)}
     assert set(metrics) == {
         ("du_jemhopqa_local", "char_f1"), ("du_jemhopqa_local", "exact_match"),
@@ -415,7 +418,8 @@ def test_our_paper_task_yamls_run_in_lm_eval(dense_dir: Path, tmp_path: Path) ->
         assert row["n"] == 3
         assert 0.0 <= row["value"] <= (1.0 if metric in ("char_f1", "exact_match") else 100.0)
     configs = results["configs"]
-    assert configs["du_niilc_local"]["num_fewshot"] == 4 and configs["du_niilc_local"]["fewshot_split"] == "dev"
+    assert all(configs[f"{t}_local"]["num_fewshot"] == 3 for t in files)  # the group's override, not the YAML's 4
+    assert configs["du_niilc_local"]["fewshot_split"] == "dev"
     assert configs["du_wmt20_en_ja_local"]["doc_to_text"].startswith("英語:")
 
 

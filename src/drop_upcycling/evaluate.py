@@ -51,7 +51,6 @@ PAPER_GROUP = "du_paper"
 LOCAL_GROUP = "du_local"
 LOCAL_PREFIX = "du_"
 CSV_COLUMNS = ("checkpoint", "task", "metric", "value", "stderr", "n")
-SUITES = ("local", "paper")
 NUM_CHOICES = 4
 # Python packages the paper suite's metric code imports (lm-eval's ja_leaderboard_xlsum: MeCab ROUGE-2).
 PAPER_REQUIREMENTS = {"ja_leaderboard_xlsum": ("fugashi", "unidic_lite", "emoji", "neologdn", "rouge_score")}
@@ -230,7 +229,7 @@ def build_local_suite(test_dir: str | Path, out_dir: str | Path, size: str = "de
     return out_dir
 
 
-def test_split_dir(*, splits: str | Path | None = None, data: str | Path | None = None,
+def resolve_test_dir(*, splits: str | Path | None = None, data: str | Path | None = None,
                    corpus: str | Path | None = None, cache_dir: str | Path | None = None,
                    vocab_size: int = 8192) -> Path:
     """Where the test documents come from, as in ``routing``: ``splits`` (a folder of ``<domain>.jsonl``
@@ -590,7 +589,7 @@ def evaluate(checkpoints: Sequence[str | Path], suite: str, out: str | Path, *, 
             raise UserError(f"{local} is not a local suite folder (no {LOCAL_GROUP}.yaml)")
     elif wants_local(suite):
         vocab = CheckpointReader(paths[0]).config.vocab_size
-        test_dir = test_split_dir(splits=splits, data=data, corpus=corpus, cache_dir=cache_dir, vocab_size=vocab)
+        test_dir = resolve_test_dir(splits=splits, data=data, corpus=corpus, cache_dir=cache_dir, vocab_size=vocab)
         local = cached_local_suite(test_dir, size, seed)
     plan = plan_tasks(suite, local)
     tm = task_manager(plan)

@@ -49,6 +49,8 @@ from .data_pipeline import (
     prepare_corpus,
     read_texts,
     resolve_corpus,
+    resolve_tokenizer_json,
+    shard_pipeline,
     split_domains,
     tokenize_shards,
     tokenizer_vocab_size,
@@ -62,8 +64,8 @@ __all__ = [
     "CORPUS_BASE_URL", "CORPUS_COMMIT", "CORPUS_SHA256", "CORPUS_URLS", "DOMAINS", "EOS_TOKEN", "PAD_TOKEN",
     "SPLITS", "PreparedData", "TokenSequenceReader", "check_vocab", "configure_parser", "download_corpus",
     "iter_documents", "iter_domain_sequences", "prepare_all", "prepare_corpus", "read_shard", "read_texts",
-    "resolve_corpus", "run", "split_domains", "tokenize_shards", "train_tokenizer", "verify_corpus",
-    "write_splits",
+    "resolve_corpus", "resolve_tokenizer_json", "run", "shard_pipeline", "split_domains", "tokenize_shards",
+    "train_tokenizer", "verify_corpus", "write_splits",
 ]
 
 log = logging.getLogger(__name__)

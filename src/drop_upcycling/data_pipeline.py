@@ -438,35 +438,28 @@ def resolve_tokenizer_json(tokenizer: str | Path) -> Path:
         raise UserError(f"tokenizer {tokenizer}: not a local path and not loadable from the hub ({e})") from e
 
 
-def tokenize_shards(
+def shard_pipeline(
     jsonl_dir: str | Path,
     tokenizer_dir: str | Path,
     out_dir: str | Path,
     *,
     tasks: int = 1,
-    workers: int = 1,
     splits: Iterable[str] = SPLITS,
     eos_token: str = EOS_TOKEN,
-) -> Path:
-    """datatrove ``JsonlReader -> DocumentTokenizer`` per (split, domain) into ``out_dir/{split}/{domain}/*.ds``.
+) -> tuple[list, int, dict]:
+    """(datatrove pipeline, number of tasks, plan) of :func:`tokenize_shards`, for any executor.
 
-    Each document is followed by ``eos_token`` (``</s>`` for the LLM-jp tokenizers; ``tokenizer_dir``
-    may also be a ``tokenizer.json`` path or a hub id, see :func:`resolve_tokenizer_json`). Runs in place (not atomically) so that a rerun
-    skips what finished: the executor's ``logs/completions`` mark finished tasks and a task killed
-    midway is redone from scratch. ``DONE`` is written last; readers check it. ``tasks`` > 1 helps
-    when a domain is a folder of many JSONL files (datatrove splits work by file); ``workers`` runs
-    tasks in parallel processes.
+    On a cluster, hand the pipeline to ``SlurmPipelineExecutor(pipeline, tasks=n_tasks, ...)``
+    instead of the local executor; the output layout is the same.
     """
-    from datatrove.executor import LocalPipelineExecutor
-
     jsonl_dir, out_dir = Path(jsonl_dir), Path(out_dir)
     tokenizer_json = resolve_tokenizer_json(tokenizer_dir)
     from tokenizers import Tokenizer
 
     if Tokenizer.from_file(str(tokenizer_json)).token_to_id(eos_token) is None:
         raise UserError(f"tokenizer {tokenizer_dir} has no token {eos_token!r} (pass the tokenizer's eos token)")
-    if tasks < 1 or workers < 1:
-        raise UserError(f"tasks and workers must be >= 1, got {tasks}, {workers}")
+    if tasks < 1:
+        raise UserError(f"tasks must be >= 1, got {tasks}")
     jobs = []
     for split in splits:
         if not (jsonl_dir / split).is_dir():
@@ -482,12 +475,11 @@ def tokenize_shards(
     # the completed tasks of the first (datatrove's skip logic only knows task numbers).
     plan = {"tokenizer_sha256": sha256_file(tokenizer_json), "eos_token": eos_token, "tasks": tasks,
             "jobs": [[s, d, [str(f.resolve()) for f in files]] for s, d, files in jobs]}
-    plan_file, done = out_dir / "plan.json", out_dir / "DONE"
+    plan_file = out_dir / "plan.json"
     if plan_file.is_file() and json.loads(plan_file.read_text()) != plan:
         raise UserError(f"{out_dir} holds shards of other inputs, tokenizer or --tasks; choose a new --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(plan_file, plan)
-    done.unlink(missing_ok=True)
     lists = out_dir / "inputs"
     lists.mkdir(exist_ok=True)
     specs = []
@@ -495,12 +487,41 @@ def tokenize_shards(
         paths_file = lists / f"{split}.{domain}.txt"
         paths_file.write_text("".join(f"{f.name}\n" for f in files))
         specs.append((split, domain, str(files[0].parent), str(paths_file)))
-    executor = LocalPipelineExecutor(
-        [_ShardJobs(specs, tasks, str(tokenizer_json), str(out_dir), eos_token)],
-        tasks=len(jobs) * tasks, workers=min(workers, len(jobs) * tasks), logging_dir=str(out_dir / "logs"),
-    )
+    return [_ShardJobs(specs, tasks, str(tokenizer_json), str(out_dir), eos_token)], len(jobs) * tasks, plan
+
+
+def tokenize_shards(
+    jsonl_dir: str | Path,
+    tokenizer_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    tasks: int = 1,
+    workers: int = 1,
+    splits: Iterable[str] = SPLITS,
+    eos_token: str = EOS_TOKEN,
+) -> Path:
+    """datatrove ``JsonlReader -> DocumentTokenizer`` per (split, domain) into ``out_dir/{split}/{domain}/*.ds``.
+
+    Each document is followed by ``eos_token`` (``</s>`` for the LLM-jp tokenizers; ``tokenizer_dir``
+    may also be a ``tokenizer.json`` path or a hub id, see :func:`resolve_tokenizer_json`). Runs
+    in place (not atomically) so that a rerun skips what finished: the executor's
+    ``logs/completions`` mark finished tasks and a task killed midway is redone from scratch.
+    ``DONE`` is written last. ``tasks`` > 1 helps when a domain is a folder of many JSONL files
+    (datatrove splits work by file); ``workers`` runs tasks in parallel processes.
+    """
+    from datatrove.executor import LocalPipelineExecutor
+
+    if workers < 1:
+        raise UserError(f"workers must be >= 1, got {workers}")
+    out_dir = Path(out_dir)
+    pipeline, n_tasks, plan = shard_pipeline(jsonl_dir, tokenizer_dir, out_dir, tasks=tasks, splits=splits,
+                                             eos_token=eos_token)
+    done = out_dir / "DONE"
+    done.unlink(missing_ok=True)
+    executor = LocalPipelineExecutor(pipeline, tasks=n_tasks, workers=min(workers, n_tasks),
+                                     logging_dir=str(out_dir / "logs"))
     executor.run()
-    incomplete = executor.get_incomplete_ranks(range(len(jobs) * tasks), skip_completed=True)
+    incomplete = executor.get_incomplete_ranks(range(n_tasks), skip_completed=True)
     if incomplete:
         raise UserError(f"datatrove tasks {incomplete} did not complete; see {out_dir / 'logs'} and rerun")
     write_json(done, plan)

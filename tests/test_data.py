@@ -176,6 +176,13 @@ def test_tokenizer_is_deterministic(prepared: PreparedData, tmp_path: Path) -> N
         assert (out / name).read_bytes() == (prepared.tokenizer_dir / name).read_bytes()
 
 
+def test_bad_tokenizer_options(prepared: PreparedData, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="at least 512"):
+        data.train_tokenizer(prepared.splits_dir / "train", tmp_path / "tok", vocab_size=300)
+    assert main(["data", "tokenizer", "--train", str(tmp_path / "none"), "--out", str(tmp_path / "tok")]) == 2
+    assert not (tmp_path / "tok").exists()
+
+
 def test_vocab_larger_than_model_is_an_error(prepared: PreparedData) -> None:
     size = data.check_vocab(prepared.tokenizer_dir, VOCAB)
     with pytest.raises(UserError, match="more than the model's vocab"):

@@ -194,11 +194,14 @@ class GroupedExperts(nn.Module):
     def _expert_ffn(self, x_GD: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """The seam for a grouped-GEMM kernel: here one matmul chain per expert (E iterations, not T)."""
         outputs = []
-        for e, x_nD in enumerate(torch.split(x_GD, counts)):
+        # unbind (one backward op for all experts) rather than w1[e] per expert, whose backward
+        # materializes a zero-filled full-size gradient for each expert.
+        experts = zip(self.w1.unbind(0), self.w2.unbind(0), self.w3.unbind(0), strict=True)
+        for x_nD, (w1_FD, w2_DF, w3_FD) in zip(torch.split(x_GD, counts), experts, strict=True):
             # An expert with no tokens still runs on an empty [0, D] slice: it stays in the autograd
             # graph and gets a zero gradient, so gradient reduction never meets a missing grad.
-            h_nF = F.silu(x_nD @ self.w1[e].T) * (x_nD @ self.w3[e].T)
-            outputs.append(h_nF @ self.w2[e].T)
+            h_nF = F.silu(x_nD @ w1_FD.T) * (x_nD @ w3_FD.T)
+            outputs.append(h_nF @ w2_DF.T)
         return torch.cat(outputs) if outputs else x_GD.new_zeros(0, x_GD.shape[-1])
 
 

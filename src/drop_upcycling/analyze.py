@@ -14,6 +14,7 @@ import importlib
 # kind -> (module, one-line help)
 ANALYSES: dict[str, tuple[str, str]] = {
     "routing": ("drop_upcycling.routing", "Figure 5 and specialization metrics from routing count CSVs"),
+    "curves": ("drop_upcycling.curves", "LM loss against tokens and FLOPs, final losses and crossovers of runs"),
 }
 
 

@@ -350,7 +350,7 @@ def plot_curves(curves: dict[str, MethodCurve], band: str = "minmax", window: in
     fig.suptitle(f"thick: mean of smoothed curves ({smoothing}); thin: raw per step; band: {spread} over seeds",
                  fontsize=10, color="0.3", y=0.99)
     rows = -(-len(curves) // 4)
-    fig.tight_layout(rect=(0, 0.01 + 0.055 * rows, 1, 0.96))
+    fig.tight_layout(rect=(0, 0.01 + 0.055 * rows, 1, 1))  # makes room for the suptitle itself
     return fig
 
 

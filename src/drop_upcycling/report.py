@@ -1,0 +1,516 @@
+"""``drop-upcycling report RUN_DIR --out DIR``: the reproduction report of one run directory.
+
+Reads the files a reproduction leaves behind (never imports the trainer) and writes ``DIR/README.md``
+(figures, tables, provenance, and for each of the paper's findings whether this run reproduces it,
+from the numbers), ``DIR/findings.json`` (the same verdicts, machine-readable) and the figures and
+CSV tables it shows.
+
+Layout contract of ``RUN_DIR`` (what the smoke recipe writes; only ``runs/`` is required)::
+
+    RUN_DIR/
+      runs/<name>/metrics.jsonl, run.json  every run of the comparison, one folder each (drop-upcycling
+                                           train --out): the MoE runs (run.method FS, NU, RNU-0.5, DU-0.5,
+                                           DU-1.0, BTX; seeds = more folders with another run.seed) and the
+                                           dense reference (run.method dense): the pre-trained dense model
+                                           continued for the same budget with the same seed, data,
+                                           batch and world size as the MoE runs, so its first logged
+                                           step is the dense model's loss on the MoEs' first batch.
+                                           The method is run.method, else the folder name (NU-s1 -> NU).
+      pretrain/metrics.jsonl, run.json     optional: the dense pre-training (its cost = the seed cost)
+      eval/results.csv                     optional: drop-upcycling evaluate (checkpoint, task, metric,
+                                           value, stderr, n); a checkpoint's method is its label's prefix
+      routing/<name>/routing_counts.csv    optional: drop-upcycling routing, one folder per model
+                                           (or routing/*.csv); the model column's prefix is the method
+      provenance.json                      optional: anything the recipe records (scale, command, timings)
+      *.yaml, configs/**                   optional: config files, listed with their sha256
+
+Findings (each ``reproduced`` is true, false, or null when the inputs to test it are missing):
+
+- ``nu_starts_at_dense``: every NU run's first logged LM loss is within ``start_tol`` of the first
+  logged LM loss of the dense reference run trained on the same batches (same seed, data, batch,
+  world size in run.json); NU is function-preserving, so they should agree to rounding.
+- ``fs_starts_worst``: FS's lowest first LM loss (over seeds) is above every other method's highest.
+- ``du_ends_below_nu``: DU-0.5's highest final LM loss (over seeds) is below NU's lowest, i.e. the
+  gap is beyond the seed spread (with one seed each: a plain comparison, said so).
+- ``nu_routing_collapses``: NU's routing specialization (mean over layers of the mean pairwise L1
+  distance between domains' expert distributions, :func:`drop_upcycling.routing.routing_metrics`)
+  is below that of FS and of every DU model, beyond the spread across seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import logging
+import math
+import platform
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_START_TOL = 1e-3
+# The metric shown per task in the README's eval table (the CSV keeps every metric).
+PRIMARY_METRICS = ("acc", "acc_norm", "bits_per_byte", "word_perplexity", "exact_match", "f1", "bleu", "chrf")
+REPORT_MARKERS = ("README.md", "findings.json")
+SAME_BATCH_KEYS = ("seed", "data", "seq_len", "global_batch_tokens")
+
+
+@dataclass
+class Finding:
+    id: str
+    claim: str
+    reproduced: bool | None
+    detail: str
+    evidence: dict = field(default_factory=dict)
+
+
+# ============================================================================ reading the run directory
+@dataclass
+class RunDir:
+    root: Path
+    run_dirs: list[Path]
+    pretrain: Path | None
+    eval_csv: Path | None
+    routing_csvs: list[Path]
+    provenance: dict | None
+    config_files: list[Path]
+
+
+def discover(root: str | Path) -> RunDir:
+    """Find the parts of the layout contract (module docstring) under ``root``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root} is not a directory")
+    runs = root / "runs"
+    run_dirs = sorted(p for p in runs.iterdir() if p.is_dir() and not p.name.startswith(".")) if runs.is_dir() else []
+    if not run_dirs:
+        raise UserError(f"{root} has no runs/<name>/ folders (metrics.jsonl + run.json of each training run)")
+    pretrain = root / "pretrain" if (root / "pretrain" / "metrics.jsonl").is_file() else None
+    eval_csv = root / "eval" / "results.csv" if (root / "eval" / "results.csv").is_file() else None
+    routing = sorted((root / "routing").glob("*/routing_counts.csv")) + sorted((root / "routing").glob("*.csv"))
+    provenance = None
+    if (root / "provenance.json").is_file():
+        try:
+            provenance = json.loads((root / "provenance.json").read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{root / 'provenance.json'} is not valid JSON: {e}") from None
+    configs = sorted([*root.glob("*.yaml"), *root.glob("*.yml"),
+                      *(p for p in (root / "configs").rglob("*") if p.is_file())])
+    return RunDir(root, run_dirs, pretrain, eval_csv, routing, provenance, configs)
+
+
+# ============================================================================ findings
+def _same_batch(a: dict, b: dict) -> list[str]:
+    """run.json keys (of ``run`` and the world size) that differ between two runs' first batches."""
+    ra, rb = a.get("run") or {}, b.get("run") or {}
+    differ = [k for k in SAME_BATCH_KEYS if ra.get(k) != rb.get(k)]
+    if a.get("world_size") != b.get("world_size"):
+        differ.append("world_size")
+    return differ
+
+
+def finding_nu_starts_at_dense(runs: list, tol: float = DEFAULT_START_TOL) -> Finding:
+    claim = "naive upcycling (NU) starts at the dense model's loss (first LM loss on the same batch)"
+    nu = [r for r in runs if r.method == "NU"]
+    dense = [r for r in runs if r.method == "dense"]
+    if not nu or not dense:
+        return Finding("nu_starts_at_dense", claim, None,
+                       f"not tested: needs NU and dense reference runs (have {len(nu)} NU, {len(dense)} dense)")
+    pairs, skipped = [], []
+    for r in nu:
+        match = next((d for d in dense if not _same_batch(r.info, d.info)), None)
+        if match is None:
+            skipped.append(f"{r.name} (differs from every dense run in "
+                           f"{', '.join(sorted({k for d in dense for k in _same_batch(r.info, d.info)}))})")
+            continue
+        nu_first, dense_first = float(r.metrics["lm_loss"].iloc[0]), float(match.metrics["lm_loss"].iloc[0])
+        pairs.append({"nu_run": r.name, "dense_run": match.name, "seed": r.seed, "nu_first_lm_loss": nu_first,
+                      "dense_first_lm_loss": dense_first, "abs_diff": abs(nu_first - dense_first)})
+    evidence = {"tolerance": tol, "pairs": pairs, "skipped": skipped}
+    if not pairs:
+        return Finding("nu_starts_at_dense", claim, None,
+                       "not tested: no dense run saw the same first batch as an NU run: " + "; ".join(skipped),
+                       evidence)
+    worst = max(p["abs_diff"] for p in pairs)
+    ok = worst <= tol
+    detail = (f"largest |NU - dense| first LM loss {worst:.2e} over {len(pairs)} seed(s) "
+              f"{'<=' if ok else '>'} tolerance {tol:g} (e.g. NU {pairs[0]['nu_first_lm_loss']:.4f} vs dense "
+              f"{pairs[0]['dense_first_lm_loss']:.4f})")
+    if skipped:
+        detail += f"; {len(skipped)} NU run(s) without a same-batch dense run left out"
+    return Finding("nu_starts_at_dense", claim, ok, detail, evidence)
+
+
+def _stats(final: pd.DataFrame, method: str, col: str) -> dict:
+    r = final[final["method"] == method].iloc[0]
+    return {k: float(r[f"{col}_{k}"]) for k in ("mean", "std", "min", "max")} | {"n_seeds": int(r["n_seeds"])}
+
+
+def finding_fs_starts_worst(final: pd.DataFrame) -> Finding:
+    from .plotstyle import method_label
+
+    claim = "from scratch (FS) starts worst (highest first LM loss)"
+    methods = final["method"].tolist()
+    others = [m for m in methods if m != "FS"]
+    if "FS" not in methods or not others:
+        return Finding("fs_starts_worst", claim, None, "not tested: needs FS and at least one other method")
+    fs = _stats(final, "FS", "first_lm_loss")
+    rest = {m: _stats(final, m, "first_lm_loss") for m in others}
+    runner_up = max(rest, key=lambda m: rest[m]["max"])
+    ok = fs["min"] > rest[runner_up]["max"]
+    detail = (f"FS first LM loss {fs['mean']:.4f} (lowest seed {fs['min']:.4f}) "
+              f"{'>' if ok else '<='} the highest of the others, {method_label(runner_up)} "
+              f"{rest[runner_up]['max']:.4f}")
+    return Finding("fs_starts_worst", claim, ok, detail, {"FS": fs, "others": rest})
+
+
+def finding_du_ends_below_nu(final: pd.DataFrame) -> Finding:
+    claim = "Drop-Upcycling r=0.5 (DU-0.5) ends below naive upcycling (NU) (final LM loss, beyond the seed spread)"
+    methods = final["method"].tolist()
+    if "DU-0.5" not in methods or "NU" not in methods:
+        return Finding("du_ends_below_nu", claim, None, "not tested: needs DU-0.5 and NU runs")
+    du, nu = _stats(final, "DU-0.5", "final_lm_loss"), _stats(final, "NU", "final_lm_loss")
+    ok = du["max"] < nu["min"]
+    single = du["n_seeds"] == 1 and nu["n_seeds"] == 1
+    detail = (f"DU-0.5 final {du['mean']:.4f} ± {du['std']:.4f} (max {du['max']:.4f}, {du['n_seeds']} seed(s)) vs "
+              f"NU {nu['mean']:.4f} ± {nu['std']:.4f} (min {nu['min']:.4f}, {nu['n_seeds']} seed(s)): "
+              + ("every DU-0.5 seed ends below every NU seed" if ok else "not below beyond the spread"
+                 if du["mean"] < nu["mean"] else "DU-0.5 does not end below NU"))
+    if single:
+        detail += " (one seed each: no spread measured)"
+    return Finding("du_ends_below_nu", claim, ok, detail, {"DU-0.5": du, "NU": nu, "single_seed": single})
+
+
+def finding_nu_routing_collapses(metrics: pd.DataFrame | None) -> Finding:
+    from .plotstyle import method_key
+
+    claim = "naive upcycling (NU) routing collapses while FS and DU specialize (routing specialization)"
+    if metrics is None or metrics.empty:
+        return Finding("nu_routing_collapses", claim, None, "not tested: no routing counts")
+    per_model = metrics.groupby("model").agg(specialization=("specialization", "mean"),
+                                             entropy=("entropy", "mean")).reset_index()
+    per_model["method"] = per_model["model"].map(method_key)
+    specs = {m: sorted(g["specialization"].tolist()) for m, g in per_model.groupby("method")}
+    others = {m: v for m, v in specs.items() if m == "FS" or m.startswith("DU-")}
+    if "NU" not in specs or not others:
+        return Finding("nu_routing_collapses", claim, None,
+                       f"not tested: needs NU and FS or DU routing counts (have {', '.join(sorted(specs))})")
+    nu_max = max(specs["NU"])
+    lowest = min(others, key=lambda m: min(others[m]))
+    ok = all(nu_max < min(v) for v in others.values())
+    detail = (f"mean specialization NU {np.mean(specs['NU']):.3f} (max {nu_max:.3f}) "
+              f"{'<' if ok else '>='} the lowest of FS/DU, {lowest} {min(others[lowest]):.3f}; "
+              + ", ".join(f"{m} {np.mean(v):.3f}" for m, v in others.items()))
+    evidence = {"specialization": specs,
+                "entropy_bits": {r.model: float(r.entropy) for r in per_model.itertuples()}}
+    return Finding("nu_routing_collapses", claim, ok, detail, evidence)
+
+
+def findings(runs: list, final: pd.DataFrame, routing_metrics: pd.DataFrame | None,
+             start_tol: float = DEFAULT_START_TOL) -> list[Finding]:
+    """The four verdicts, in the paper's order."""
+    return [finding_nu_starts_at_dense(runs, start_tol), finding_fs_starts_worst(final),
+            finding_du_ends_below_nu(final), finding_nu_routing_collapses(routing_metrics)]
+
+
+# ============================================================================ tables
+def eval_tables(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(every metric pivoted checkpoint x task/metric, one primary metric per task for the README)."""
+    from .curves import METHOD_ORDER
+    from .plotstyle import method_key, method_label
+
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not a readable CSV: {e}") from None
+    missing = [c for c in ("checkpoint", "task", "metric", "value") if c not in df.columns]
+    if missing:
+        raise UserError(f"{path} lacks column(s) {', '.join(missing)}")
+    if df.empty:
+        raise UserError(f"{path} has no rows")
+    df["column"] = df["task"].astype(str) + " " + df["metric"].astype(str)
+    full = df.pivot_table(index="checkpoint", columns="column", values="value", aggfunc="first").reset_index()
+    rank = {m: i for i, m in enumerate(PRIMARY_METRICS)}
+    chosen = (df.assign(r=df["metric"].map(lambda m: rank.get(m, len(rank))))
+              .sort_values(["task", "r", "metric"]).groupby("task").head(1)[["task", "metric"]])
+    primary = df.merge(chosen, on=["task", "metric"])
+    primary = primary.assign(column=primary["task"].astype(str) + " (" + primary["metric"].astype(str) + ")")
+    short = primary.pivot_table(index="checkpoint", columns="column", values="value", aggfunc="first")
+    short.insert(0, "method", [method_label(c.split("__")[0]) for c in short.index])
+    rank_m = {m: i for i, m in enumerate(METHOD_ORDER)}
+    order = sorted(short.index, key=lambda c: (rank_m.get(method_key(c.split("__")[0]), len(rank_m)), c))
+    return full, short.loc[order].reset_index()
+
+
+def routing_summary(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Per model: mean entropy and specialization over layers, unused experts in the last layer."""
+    from .plotstyle import method_label
+
+    rows = []
+    for model, g in metrics.groupby("model", sort=False):
+        g = g.sort_values("layer")
+        rows.append({"model": model, "method": method_label(model), "layers": len(g),
+                     "entropy (bits)": float(g["entropy"].mean()),
+                     "specialization": float(g["specialization"].mean()),
+                     "unused experts (last layer)": int(g["unused_experts"].iloc[-1]),
+                     "unused experts (all layers)": " ".join(map(str, g["unused_experts"]))})
+    return pd.DataFrame(rows)
+
+
+def flops_rows(runs: list, pretrain) -> list[dict]:
+    """Per method: parameters, FLOPs per token and total training FLOPs, rows shaped like
+    :func:`drop_upcycling.flops.plan_table` (seed = the dense pre-training for every upcycled method
+    and for the dense reference, none for FS) so :func:`drop_upcycling.flops.plot_plan` draws them."""
+    from .configs import ModelConfig
+    from .curves import order_methods
+    from .flops import _human, flops_row
+
+    def row_of(run, method: str, seed_row: dict | None, seed_tokens: float) -> dict:
+        info = run.info
+        cfg = ModelConfig.from_hf_dict(info["model"], name=run.name)
+        fr = flops_row(cfg, (info.get("run") or {}).get("seq_len") or None)
+        tokens = float(run.metrics["tokens"].iloc[-1])
+        out = {"model": f"{_human(fr['total_params'])} params", "method": method, "run": run.name,
+               "total_params": fr["total_params"], "active_params": fr["active_params"],
+               "flops_per_token_6n": fr["flops_per_token_6n"], "flops_per_token_full": fr["flops_per_token_full"],
+               "seed_tokens": seed_tokens, "tokens": tokens}
+        for kind in ("6n", "full"):
+            seed = seed_row[f"flops_per_token_{kind}"] * seed_tokens if seed_row else 0.0
+            out[f"seed_flops_{kind}"] = seed
+            out[f"train_flops_{kind}"] = fr[f"flops_per_token_{kind}"] * tokens
+            out[f"total_flops_{kind}"] = seed + out[f"train_flops_{kind}"]
+        return out
+
+    usable = [r for r in runs if isinstance(r.info.get("model"), dict)]
+    rows, seed_row, seed_tokens = [], None, 0.0
+    if pretrain is not None and isinstance(pretrain.info.get("model"), dict):
+        pre = row_of(pretrain, "dense", None, 0.0)
+        pre["model"] = "pre-training"
+        rows.append(pre)
+        seed_row, seed_tokens = pre, pre["tokens"]
+    by_method = {}
+    for r in usable:
+        by_method.setdefault(r.method, r)
+    for method in [m for m in order_methods(list(by_method)) if m != "dense"] + (["dense"] if "dense" in by_method
+                                                                               else []):
+        upcycled = method != "FS"
+        row = row_of(by_method[method], method, seed_row if upcycled else None, seed_tokens if upcycled else 0.0)
+        if method == "dense":
+            row["model"] = "reference"
+        rows.append(row)
+    return rows
+
+
+# ============================================================================ provenance
+def _git_commit() -> dict:
+    """The commit of the source tree this package runs from (with a dirty flag), when it is a git checkout."""
+    src = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": "unknown (not a git checkout)"}
+    return {"commit": commit, "dirty": bool(dirty)}
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("drop-upcycling", "torch", "transformers", "tokenizers", "lm_eval", "datatrove", "nanotron",
+                "numpy", "pandas", "matplotlib"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def runs_provenance(runs: list) -> pd.DataFrame:
+    rows = []
+    for r in runs:
+        run, model = r.info.get("run") or {}, r.info.get("model") or {}
+        rows.append({"run": r.name, "method": r.method, "seed": r.seed, "steps": int(r.metrics["step"].iloc[-1]),
+                     "tokens": int(r.metrics["tokens"].iloc[-1]), "seq_len": run.get("seq_len"),
+                     "batch tokens": run.get("global_batch_tokens"), "lr": run.get("lr"),
+                     "init": Path(run["init"]).name if run.get("init") else "random",
+                     "layers": model.get("num_hidden_layers"), "hidden": model.get("hidden_size"),
+                     "experts": model.get("num_local_experts", 0) if model.get("model_type") == "mixtral" else 0,
+                     "world size": r.info.get("world_size"), "ep": r.info.get("ep"),
+                     "torch": (r.info.get("versions") or {}).get("torch")})
+    return pd.DataFrame(rows)
+
+
+# ============================================================================ the report
+def write_report(run_dir: str | Path, out_dir: str | Path, window: int | None = None, last: int | None = None,
+                 start_tol: float = DEFAULT_START_TOL, formats: str | None = None) -> dict:
+    """Build the whole report into a temp dir and move it to ``out_dir``. Returns findings and paths."""
+    from .checkpoint import atomic_dir, write_json
+
+    if start_tol <= 0:
+        raise UserError(f"start tolerance must be > 0, got {start_tol}")
+    rd = discover(run_dir)
+    out_dir = Path(out_dir)
+    previous = all((out_dir / m).is_file() for m in REPORT_MARKERS)
+    if out_dir.exists() and not previous and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserError(f"{out_dir} exists and is not a previous report: choose another --out")
+    with atomic_dir(out_dir, overwrite=True) as tmp:
+        result = _build(rd, tmp, window, last, start_tol, formats)
+        write_json(tmp / "findings.json", result["json"])
+        (tmp / "README.md").write_text(result["readme"])
+    log.info("report written to %s", out_dir)
+    return {"findings": result["findings"], "readme": out_dir / "README.md", "findings_json": out_dir / "findings.json"}
+
+
+def _build(rd: RunDir, out: Path, window: int | None, last: int | None, start_tol: float, formats) -> dict:
+    from .curves import analyze_curves, crossover_markdown, final_markdown, markdown_table, read_run
+    from .flops import plot_plan
+    from .plotstyle import method_label, save_figure
+    from .routing import analyze_routing, read_counts, routing_metrics
+
+    curves = analyze_curves(rd.run_dirs, out / "curves", window=window, last=last, formats=formats)
+    runs = [r for c in curves["curves"].values() for r in c.runs]
+    pretrain = read_run(rd.pretrain) if rd.pretrain else None
+
+    rmetrics = None
+    if rd.routing_csvs:
+        analyze_routing(rd.routing_csvs, out / "routing", formats=formats)
+        rmetrics = routing_metrics(read_counts(rd.routing_csvs))
+    evals = None
+    if rd.eval_csv:
+        full, short = eval_tables(rd.eval_csv)
+        full.to_csv(out / "eval_scores.csv", index=False, float_format="%.6g")
+        evals = short
+    frows = flops_rows(runs, pretrain)
+    if frows:
+        pd.DataFrame(frows).to_csv(out / "flops.csv", index=False, float_format="%.6g")
+        save_figure(plot_plan(frows, "full"), out, "flops", formats)
+
+    found = findings(runs, curves["final"], rmetrics, start_tol)
+    provenance = {"generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "run_dir": str(rd.root.resolve()), "git": _git_commit(), "versions": _versions(),
+                  "config_files": {str(p.relative_to(rd.root)): _sha256(p) for p in rd.config_files},
+                  "recipe": rd.provenance}
+    runs_df = runs_provenance(runs + ([pretrain] if pretrain else []))
+    payload = {"findings": [asdict(f) for f in found],
+               "final_losses": curves["final"].to_dict(orient="records"),
+               "crossovers": curves["crossovers"].astype(object).where(curves["crossovers"].notna(), None)
+               .to_dict(orient="records"),
+               "runs": runs_df.to_dict(orient="records"), "provenance": provenance}
+    verdict = {True: "**reproduced**", False: "**not reproduced**", None: "not tested"}
+
+    lines = [f"# Reproduction report: `{rd.root.resolve().name}`", "",
+             f"Generated by `drop-upcycling report` on {provenance['generated']} from `{rd.root.resolve()}`. "
+             "Every number below is computed from the run's logs; `findings.json` holds the same verdicts.", "",
+             "## The paper's findings in this run", "",
+             markdown_table(pd.DataFrame({"finding": [f.claim for f in found],
+                                          "verdict": [verdict[f.reproduced] for f in found],
+                                          "evidence": [f.detail for f in found]})), "",
+             "A finding counts as reproduced only when it holds beyond the spread across seeds.", "",
+             "## Loss curves", "", "![LM loss against tokens and training FLOPs](curves/loss_curves.png)", "",
+             "LM loss is the next-token cross-entropy without the auxiliary (load-balancing, z) losses. "
+             "Final loss: mean of the last logged steps (window in `curves/final_losses_runs.csv`), "
+             "mean ± std (min–max) over seeds.", "",
+             final_markdown(curves["final"]), "",
+             "Crossovers: the token count from which the row's method (A) stays below the column's (B) "
+             "until the end of the run (mean smoothed curves; `curves/crossovers.csv` also has the "
+             "beyond-the-spread version).", "",
+             crossover_markdown(curves["crossovers"]), ""]
+    lines += ["## Evaluation", ""]
+    if evals is not None:
+        lines += ["One metric per task (every metric: `eval_scores.csv`).", "", markdown_table(evals), ""]
+    else:
+        lines += ["No `eval/results.csv` in the run directory.", ""]
+    lines += ["## Routing", ""]
+    if rmetrics is not None:
+        lines += ["![Expert shares per domain (Figure 5 layout)](routing/routing_fig5.png)", "",
+                  "Specialization: mean pairwise L1 distance between the domains' expert distributions "
+                  "(0 = every domain routed alike, 2 = disjoint experts); entropy of the pooled distribution "
+                  "in bits. Per layer: `routing/routing_metrics.csv`.", "",
+                  markdown_table(routing_summary(rmetrics), ".3f"), ""]
+    else:
+        lines += ["No routing counts in the run directory.", ""]
+    lines += ["## Training compute", ""]
+    if frows:
+        table = pd.DataFrame([{"run": f"{r['model']}: {method_label(r['method'])}",
+                               "total params": r["total_params"], "active params": r["active_params"],
+                               "FLOPs/token (full)": f"{r['flops_per_token_full']:.3e}",
+                               "tokens": int(r["tokens"]), "seed FLOPs": f"{r['seed_flops_full']:.3e}",
+                               "training FLOPs": f"{r['train_flops_full']:.3e}",
+                               "total FLOPs": f"{r['total_flops_full']:.3e}"} for r in frows])
+        lines += ["![Training compute per method](flops.png)", "",
+                  "Full count (attention, router, experts, LM head; backward = 2 x forward). Seed = the dense "
+                  "pre-training, charged to every upcycled method and to the dense reference, not to FS. "
+                  "6N figures: `flops.csv`.", "", markdown_table(table), ""]
+    else:
+        lines += ["No model configs in run.json: FLOPs unknown.", ""]
+    lines += ["## Provenance", "",
+              f"- git commit: `{provenance['git'].get('commit')}`"
+              + (" (uncommitted changes)" if provenance["git"].get("dirty") else ""),
+              "- versions: " + ", ".join(f"{k} {v}" for k, v in provenance["versions"].items()),
+              *(f"- config `{k}`: sha256 `{v[:16]}…`" for k, v in provenance["config_files"].items()), ""]
+    if rd.provenance is not None:
+        lines += ["Recorded by the recipe (`provenance.json`):", "", "```json",
+                  json.dumps(rd.provenance, indent=2, default=str), "```", ""]
+    lines += ["Runs (seed, budget, model shape; the full configs are in each run's `run.json`):", "",
+              markdown_table(runs_df, ".3g"), ""]
+    return {"findings": found, "json": _jsonable(payload), "readme": "\n".join(lines)}
+
+
+def _jsonable(x):
+    """NaN -> None, numpy scalars -> Python, so findings.json is strict JSON."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+# ============================================================================ CLI
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR",
+                        help="a reproduction run: runs/<name>/{metrics.jsonl,run.json} [+ pretrain/, eval/results.csv, "
+                             "routing/<name>/routing_counts.csv, provenance.json]")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="report directory (README.md, findings.json, figures, tables); a previous report there "
+                             "is replaced")
+    parser.add_argument("--smooth", type=int, metavar="N", help="loss-curve moving average (default: 5%% of the steps)")
+    parser.add_argument("--last", type=int, metavar="K", help="final loss = mean of the last K steps (default 5%%)")
+    parser.add_argument("--start-tol", type=float, default=DEFAULT_START_TOL,
+                        help=f"NU vs dense first-loss tolerance (default {DEFAULT_START_TOL:g})")
+    parser.add_argument("--formats", default="png", help="figure formats (PNG always, for the README): png, svg, pdf")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .plotstyle import parse_formats
+
+    formats = ["png", *[f for f in parse_formats(args.formats) if f != "png"]]
+    res = write_report(args.run_dir, args.out, args.smooth, args.last, args.start_tol, formats)
+    for f in res["findings"]:
+        mark = {True: "REPRODUCED", False: "NOT REPRODUCED", None: "not tested"}[f.reproduced]
+        print(f"{mark:<15} {f.claim}\n{'':<15} {f.detail}")
+    print(f"wrote {res['readme']} and {res['findings_json']}")
+    return 0

@@ -6,7 +6,8 @@ HF's legacy Mixtral per-expert tensors ``...experts.{e}.w1|w2|w3.weight`` (read 
 and 5 and by vLLM).
 
 Writers stream: :class:`ShardedWriter` takes tensors one at a time and flushes a shard whenever the
-next tensor would overflow it, so peak memory is one shard, not the model. Everything is written
+next tensor would overflow it, so peak memory is one shard, not the model; :class:`PlannedWriter`,
+given the tensor list in advance, writes each tensor's bytes to disk as it arrives. Everything is written
 into a temporary directory next to the destination and renamed at the end (:func:`atomic_dir`):
 an interrupted write leaves nothing half-written at the destination.
 """
@@ -15,9 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +41,7 @@ TOKENIZER_FILES = (
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}
 _SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32, "F16": torch.float16}
+_SAFETENSORS_NAMES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
 _STACKED = re.compile(r"^(model\.layers\.\d+\.block_sparse_moe\.experts)\.(w[123])$")
 _HF_EXPERT = re.compile(r"^(model\.layers\.\d+\.block_sparse_moe\.experts)\.(\d+)\.(w[123])\.weight$")
 
@@ -147,6 +151,75 @@ class ShardedWriter:
             (self.out_dir / f"shard-{i:05d}.safetensors").rename(self.out_dir / final)
             weight_map.update(dict.fromkeys(names, final))
         if n > 1:
+            write_json(self.out_dir / INDEX_FILE,
+                       {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))})
+        return weight_map
+
+
+class PlannedWriter:
+    """Writes tensors whose names and shapes are known in advance straight into their shard files.
+
+    A safetensors header needs every tensor's offset before the first byte of data, which is why
+    :class:`ShardedWriter` keeps a shard in memory. When the whole list is known up front (upcycling
+    knows it from the config), the headers are written first and each tensor's bytes go to disk as
+    soon as it is built: memory stays at one tensor, whatever the shard size. Tensors must arrive in
+    plan order with the planned shape; anything else is a bug and raises.
+    """
+
+    def __init__(self, out_dir: Path, plan: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype,
+                 max_shard_bytes: int = 2 * 1024**3) -> None:
+        self.out_dir, self.dtype = Path(out_dir), dtype
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        self._shards: list[list[tuple[str, tuple[int, ...], int]]] = [[]]
+        shard_bytes = 0
+        for name, shape in plan:
+            nbytes = math.prod(shape) * itemsize
+            if self._shards[-1] and shard_bytes + nbytes > max_shard_bytes:
+                self._shards.append([])
+                shard_bytes = 0
+            self._shards[-1].append((name, tuple(shape), nbytes))
+            shard_bytes += nbytes
+        n = len(self._shards)
+        self.files = [SINGLE_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._order = iter([(i, name, shape) for i, shard in enumerate(self._shards) for name, shape, _ in shard])
+        self._current: int | None = None
+        self._handle = None
+        self.total_bytes = 0
+
+    def _open_shard(self, i: int) -> None:
+        if self._handle is not None:
+            self._handle.close()
+        header, offset = {}, 0
+        for name, shape, nbytes in self._shards[i]:
+            header[name] = {"dtype": _SAFETENSORS_NAMES[self.dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        header["__metadata__"] = {"format": "pt"}
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
+        self._handle = open(self.out_dir / self.files[i], "wb")  # noqa: SIM115 (closed in _open_shard/close)
+        self._handle.write(struct.pack("<Q", len(blob)) + blob)
+        self._current = i
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        shard, expected, shape = next(self._order, (None, None, None))
+        if name != expected or tuple(tensor.shape) != shape:
+            raise RuntimeError(f"planned {expected} {shape}, got {name} {tuple(tensor.shape)}")
+        if shard != self._current:
+            self._open_shard(shard)
+        data = tensor.detach().to(self.dtype).contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+        self._handle.write(memoryview(data))
+        self.total_bytes += data.nbytes
+
+    def close(self) -> dict[str, str]:
+        """Check that every planned tensor was written, close the last file, write the index."""
+        missing = next(self._order, None)
+        if missing is not None:
+            raise RuntimeError(f"planned tensor {missing[1]} was never written")
+        if self._handle is not None:
+            self._handle.close()
+        weight_map = {name: self.files[i] for i, shard in enumerate(self._shards) for name, _, _ in shard}
+        if len(self.files) > 1:
             write_json(self.out_dir / INDEX_FILE,
                        {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))})
         return weight_map

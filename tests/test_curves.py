@@ -172,3 +172,15 @@ def test_cli_writes_figures_in_every_format(tmp_path: Path, capsys: pytest.Captu
     assert (out / "loss_curves.png").is_file() and (out / "loss_curves.svg").is_file()
     text = capsys.readouterr().out
     assert "from scratch (FS)" in text and "naive upcycling (NU)" in text
+
+
+def test_method_from_run_json_else_from_the_folder_slug(tmp_path: Path) -> None:
+    """run.json's method wins; without one, the recipe's label slug names it (du0.5-s1 -> DU-0.5)."""
+    named = write_run(tmp_path, "whatever", "RNU-0.5", 0, [3.0])
+    slug = write_run(tmp_path, "du0.5-s1", None, 1, [3.0])
+    assert read_run(named).method == "RNU-0.5"
+    assert read_run(slug).method == "DU-0.5"
+    from drop_upcycling.plotstyle import method_label
+
+    assert method_label("du0.5-s1") == "Drop-Upcycling r=0.5 (DU-0.5), s1"
+    assert method_label("rnu0.5-s0") == "noise upcycling (RNU-0.5), s0"

@@ -42,6 +42,12 @@ def test_nu_starts_at_dense(tmp_path: Path) -> None:
     other_world = write_run(tmp_path / "d", "nu_w", "NU", 0, [3.0, 2.8], info_extra={"world_size": 1})
     assert "world_size" in finding_nu_starts_at_dense(read_runs([dense, other_world])).detail
     assert finding_nu_starts_at_dense(read_runs([near])).reproduced is None  # no dense run
+    # The recorded first-batch loss of the pre-trained dense model wins over the dense run's first step.
+    recorded = {"losses": {"0": {"dense-final": 3.0019, "nu-s0": 3.0}}}
+    f = finding_nu_starts_at_dense(read_runs([dense, far]), tol=1e-3, first_batch=recorded)
+    assert f.reproduced is True and f.evidence["pairs"][0]["dense"].startswith("checks/first_batch.json")
+    f = finding_nu_starts_at_dense(read_runs([near]), tol=1e-3, first_batch=recorded)
+    assert f.reproduced is False and f.evidence["pairs"][0]["abs_diff"] == pytest.approx(1.4e-3)
 
 
 def test_fs_starts_worst(tmp_path: Path) -> None:
@@ -99,27 +105,33 @@ def test_nu_routing_collapses() -> None:
 
 
 def make_run_dir(root: Path) -> Path:
-    """The layout contract: runs/ (2 seeds per method + dense), pretrain/, eval/, routing/, provenance.json."""
+    """The layout contract as the smoke recipe writes it: runs/<slug>-s<seed> (2 seeds per method + dense),
+    pretrain/dense/, eval/, routing/, checks/first_batch.json, smoke.json, configs/."""
     steps = 30
     curve = {"dense": (3.0, 2.9), "NU": (3.0, 2.8), "DU-0.5": (3.6, 2.6), "FS": (9.0, 2.7)}
+    slug = {"dense": "dense", "NU": "nu", "DU-0.5": "du0.5", "FS": "fs"}
     for method, (start, end) in curve.items():
         for seed in (0, 1):
             losses = [end + (start - end) * (1 - i / (steps - 1)) ** 3 + 0.01 * seed for i in range(steps)]
             if method in ("NU", "dense"):
                 losses[0] = start + 0.01 * seed  # NU starts where the dense reference of that seed starts
-            write_run(root / "runs", f"{method}-s{seed}", method, seed, losses, moe=method != "dense")
-    write_run(root, "pretrain", "dense", 0, [10.0, 5.0, 3.0], moe=False)
-    counts = routing_counts({"NU-s0": "collapsed", "FS-s0": "specialized", "DU-0.5-s0": "specialized"})
+            write_run(root / "runs", f"{slug[method]}-s{seed}", method, seed, losses, moe=method != "dense")
+    write_run(root / "pretrain", "dense", "dense", 0, [10.0, 5.0, 3.0], moe=False)
+    (root / "checks").mkdir()
+    (root / "checks" / "first_batch.json").write_text(json.dumps(
+        {"losses": {str(s): {"dense-final": 3.0 + 0.01 * s + 2e-4} for s in (0, 1)}}))
+    (root / "configs").mkdir()
+    (root / "configs" / "pretrain.yaml").write_text("seed: 0\n")
+    counts = routing_counts({"nu-s0": "collapsed", "fs-s0": "specialized", "du0.5-s0": "specialized"})
     for model, g in counts.groupby("model"):
         (root / "routing" / model).mkdir(parents=True)
         g.to_csv(root / "routing" / model / "routing_counts.csv", index=False)
     (root / "eval").mkdir()
     scores = (("du_c4_cloze", "acc", 0.4), ("du_c4_cloze", "acc_norm", 0.5), ("du_c4_ppl", "bits_per_byte", 1.2))
-    rows = [{"checkpoint": f"{m}-s0__step-00000030", "task": t, "metric": metric, "value": v, "stderr": 0.01, "n": 10}
+    rows = [{"checkpoint": f"{slug[m]}-s0__step-00000030", "task": t, "metric": metric, "value": v, "stderr": 0.01, "n": 10}
             for m in curve for t, metric, v in scores]
     pd.DataFrame(rows).to_csv(root / "eval" / "results.csv", index=False)
-    (root / "provenance.json").write_text(json.dumps({"scale": "ci"}))
-    (root / "smoke.yaml").write_text("scale: ci\n")
+    (root / "smoke.json").write_text(json.dumps({"scale": "ci"}))
     return root
 
 
@@ -133,7 +145,8 @@ def test_report_files_and_verdicts(tmp_path: Path, capsys: pytest.CaptureFixture
     found = {f["id"]: f for f in json.loads((out / "findings.json").read_text(), parse_constant=_no_nan)["findings"]}
     assert {k: v["reproduced"] for k, v in found.items()} == {
         "nu_starts_at_dense": True, "fs_starts_worst": True, "du_ends_below_nu": True, "nu_routing_collapses": True}
-    assert len(found["nu_starts_at_dense"]["evidence"]["pairs"]) == 2  # one per seed, each with its own dense run
+    pairs = found["nu_starts_at_dense"]["evidence"]["pairs"]
+    assert [p["abs_diff"] for p in pairs] == pytest.approx([2e-4, 2e-4])  # per seed, from checks/first_batch.json
 
     readme = (out / "README.md").read_text()
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", readme)
@@ -141,7 +154,8 @@ def test_report_files_and_verdicts(tmp_path: Path, capsys: pytest.CaptureFixture
     for rel in images:
         assert (out / rel).stat().st_size > 10_000, rel
     for text in ("naive upcycling (NU)", "Drop-Upcycling r=0.5 (DU-0.5)", "from scratch (FS)", "**reproduced**",
-                 "du_c4_cloze (acc)", "git commit:", "torch ", '"scale": "ci"', "smoke.yaml", "pre-training"):
+                 "du_c4_cloze (acc)", "git commit:", "torch ", '"scale": "ci"', "configs/pretrain.yaml",
+                 "pre-training", "| du0.5-s0__step-00000030 | Drop-Upcycling r=0.5 (DU-0.5), s0 |"):
         assert text in readme, text
     assert (out / "eval_scores.csv").is_file() and (out / "flops.csv").is_file()
     flops = pd.read_csv(out / "flops.csv").set_index("method")
@@ -161,7 +175,7 @@ def test_report_flips_a_verdict_and_bad_inputs(tmp_path: Path) -> None:
     run_dir = make_run_dir(tmp_path / "run")
     # NU now ends below DU-0.5: the third finding must fail.
     for seed in (0, 1):
-        path = run_dir / "runs" / f"NU-s{seed}" / "metrics.jsonl"
+        path = run_dir / "runs" / f"nu-s{seed}" / "metrics.jsonl"
         lines = [json.loads(x) for x in path.read_text().splitlines()]
         path.write_text("".join(json.dumps({**r, "lm_loss": r["lm_loss"] - (0.5 if r["step"] > 1 else 0)}) + "\n"
                                 for r in lines))
@@ -169,7 +183,7 @@ def test_report_flips_a_verdict_and_bad_inputs(tmp_path: Path) -> None:
     assert {f.id: f.reproduced for f in res["findings"]}["du_ends_below_nu"] is False
     assert "**not reproduced**" in res["readme"].read_text()
 
-    (run_dir / "runs" / "NU-s0" / "metrics.jsonl").write_text('{"step": 1, "tokens": 1, "lm_loss": 3}\nnot json\n')
+    (run_dir / "runs" / "nu-s0" / "metrics.jsonl").write_text('{"step": 1, "tokens": 1, "lm_loss": 3}\nnot json\n')
     assert main(["report", str(run_dir), "--out", str(tmp_path / "out2")]) == 2
     assert not (tmp_path / "out2").exists()  # nothing half-written
     (tmp_path / "empty").mkdir()

@@ -70,16 +70,18 @@ DOMAINS: dict[str, Style] = {
 
 _EXTRA_COLORS = [OKABE_ITO[k] for k in ("grey", "reddish_purple", "blue", "orange", "bluish_green")]
 _RATIO_METHOD = re.compile(r"^(DU|RNU)-(\d+(?:\.\d+)?)")
-_KEY = re.compile(r"^(dense|FS|NU|BTX|(?:DU|RNU)-\d+(?:\.\d+)?)(?=$|[-_ ])", re.IGNORECASE)
+# Also the label slugs of the smoke recipe: ``du0.5-s1`` is DU-0.5, ``rnu0.5`` is RNU-0.5.
+_KEY = re.compile(r"^(dense|FS|NU|BTX|(?:DU|RNU)-?\d+(?:\.\d+)?)(?=$|[-_ ])", re.IGNORECASE)
 
 
 def method_key(name: str) -> str:
-    """The method part of a model or run name: ``DU-0.5-8x1.5B`` -> ``DU-0.5``; unknown names unchanged."""
+    """The method part of a model or run name: ``DU-0.5-8x1.5B`` and ``du0.5-s1`` -> ``DU-0.5``;
+    unknown names unchanged."""
     m = _KEY.match(name)
     if m is None:
         return name
     key = m.group(1)
-    return "dense" if key.lower() == "dense" else key.upper()
+    return "dense" if key.lower() == "dense" else re.sub(r"^(DU|RNU)(?=\d)", r"\1-", key.upper())
 
 
 def method_style(name: str) -> Style:
@@ -101,7 +103,8 @@ def method_label(name: str) -> str:
     """Both names of a method, e.g. ``naive upcycling (NU)``; a model name keeps its size suffix."""
     key = method_key(name)
     label = method_style(key).label
-    rest = name[len(key):].lstrip("-_ ") if name.upper().startswith(key.upper()) else ""
+    m = _KEY.match(name)
+    rest = name[m.end():].lstrip("-_ ") if m is not None else ""
     return f"{label}, {rest}" if rest and key != name else label
 
 

@@ -16,19 +16,24 @@ Layout contract of ``RUN_DIR`` (what the smoke recipe writes; only ``runs/`` is 
                                            batch and world size as the MoE runs, so its first logged
                                            step is the dense model's loss on the MoEs' first batch.
                                            The method is run.method, else the folder name (NU-s1 -> NU).
-      pretrain/metrics.jsonl, run.json     optional: the dense pre-training (its cost = the seed cost)
+      pretrain/[<name>/]metrics.jsonl      optional: the dense pre-training, run.json beside it (its cost =
+                                           the seed cost of every upcycled method)
+      checks/first_batch.json              optional: {"losses": {"<seed>": {"dense-final": x, ...}}}, the
+                                           pre-trained dense model's LM loss on the first global batch of the
+                                           runs of each seed (an evaluation pass); preferred for finding (a)
       eval/results.csv                     optional: drop-upcycling evaluate (checkpoint, task, metric,
                                            value, stderr, n); a checkpoint's method is its label's prefix
       routing/<name>/routing_counts.csv    optional: drop-upcycling routing, one folder per model
                                            (or routing/*.csv); the model column's prefix is the method
-      provenance.json                      optional: anything the recipe records (scale, command, timings)
+      provenance.json, smoke.json          optional: anything the recipe records (scale, runs, stage times)
       *.yaml, configs/**                   optional: config files, listed with their sha256
 
 Findings (each ``reproduced`` is true, false, or null when the inputs to test it are missing):
 
-- ``nu_starts_at_dense``: every NU run's first logged LM loss is within ``start_tol`` of the first
-  logged LM loss of the dense reference run trained on the same batches (same seed, data, batch,
-  world size in run.json); NU is function-preserving, so they should agree to rounding.
+- ``nu_starts_at_dense``: every NU run's first logged LM loss is within ``start_tol`` of the
+  pre-trained dense model's loss on the same batch: ``checks/first_batch.json``'s ``dense-final`` for
+  the run's seed, else the first logged LM loss of a dense reference run trained on the same batches
+  (same seed, data, batch, world size in run.json). NU is function-preserving: they agree to rounding.
 - ``fs_starts_worst``: FS's lowest first LM loss (over seeds) is above every other method's highest.
 - ``du_ends_below_nu``: DU-0.5's highest final LM loss (over seeds) is below NU's lowest, i.e. the
   gap is beyond the seed spread (with one seed each: a plain comparison, said so).
@@ -81,8 +86,9 @@ class RunDir:
     pretrain: Path | None
     eval_csv: Path | None
     routing_csvs: list[Path]
-    provenance: dict | None
+    provenance: dict[str, object]
     config_files: list[Path]
+    first_batch: dict | None
 
 
 def discover(root: str | Path) -> RunDir:
@@ -94,18 +100,26 @@ def discover(root: str | Path) -> RunDir:
     run_dirs = sorted(p for p in runs.iterdir() if p.is_dir() and not p.name.startswith(".")) if runs.is_dir() else []
     if not run_dirs:
         raise UserError(f"{root} has no runs/<name>/ folders (metrics.jsonl + run.json of each training run)")
-    pretrain = root / "pretrain" if (root / "pretrain" / "metrics.jsonl").is_file() else None
+    pretrain_logs = sorted((root / "pretrain").glob("metrics.jsonl")) or sorted((root / "pretrain").glob("*/metrics.jsonl"))
+    if len(pretrain_logs) > 1:
+        raise UserError(f"{root / 'pretrain'} holds several runs ({len(pretrain_logs)}); expected one dense pre-training")
+    pretrain = pretrain_logs[0].parent if pretrain_logs else None
     eval_csv = root / "eval" / "results.csv" if (root / "eval" / "results.csv").is_file() else None
     routing = sorted((root / "routing").glob("*/routing_counts.csv")) + sorted((root / "routing").glob("*.csv"))
-    provenance = None
-    if (root / "provenance.json").is_file():
-        try:
-            provenance = json.loads((root / "provenance.json").read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{root / 'provenance.json'} is not valid JSON: {e}") from None
+    provenance = {name: _read_json(root / name) for name in ("provenance.json", "smoke.json")
+                  if (root / name).is_file()}
+    first_batch = _read_json(root / "checks" / "first_batch.json") if (root / "checks" / "first_batch.json").is_file() \
+        else None
     configs = sorted([*root.glob("*.yaml"), *root.glob("*.yml"),
                       *(p for p in (root / "configs").rglob("*") if p.is_file())])
-    return RunDir(root, run_dirs, pretrain, eval_csv, routing, provenance, configs)
+    return RunDir(root, run_dirs, pretrain, eval_csv, routing, provenance, configs, first_batch)
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
 
 
 # ============================================================================ findings
@@ -118,23 +132,41 @@ def _same_batch(a: dict, b: dict) -> list[str]:
     return differ
 
 
-def finding_nu_starts_at_dense(runs: list, tol: float = DEFAULT_START_TOL) -> Finding:
+def _first_batch_loss(first_batch: dict | None, seed: int | None) -> float | None:
+    """``dense-final`` of ``checks/first_batch.json`` for ``seed``, when recorded."""
+    try:
+        value = first_batch["losses"][str(seed)]["dense-final"]  # type: ignore[index]
+        return float(value)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def finding_nu_starts_at_dense(runs: list, tol: float = DEFAULT_START_TOL, first_batch: dict | None = None) -> Finding:
     claim = "naive upcycling (NU) starts at the dense model's loss (first LM loss on the same batch)"
     nu = [r for r in runs if r.method == "NU"]
     dense = [r for r in runs if r.method == "dense"]
-    if not nu or not dense:
+    if not nu or (not dense and first_batch is None):
         return Finding("nu_starts_at_dense", claim, None,
-                       f"not tested: needs NU and dense reference runs (have {len(nu)} NU, {len(dense)} dense)")
+                       f"not tested: needs NU runs and the dense model's first-batch loss (checks/first_batch.json "
+                       f"or a dense reference run; have {len(nu)} NU, {len(dense)} dense)")
     pairs, skipped = [], []
     for r in nu:
+        nu_first = float(r.metrics["lm_loss"].iloc[0])
+        recorded = _first_batch_loss(first_batch, r.seed)
+        if recorded is not None:
+            pairs.append({"nu_run": r.name, "dense": "checks/first_batch.json dense-final", "seed": r.seed,
+                          "nu_first_lm_loss": nu_first, "dense_first_lm_loss": recorded,
+                          "abs_diff": abs(nu_first - recorded)})
+            continue
         match = next((d for d in dense if not _same_batch(r.info, d.info)), None)
         if match is None:
             skipped.append(f"{r.name} (differs from every dense run in "
                            f"{', '.join(sorted({k for d in dense for k in _same_batch(r.info, d.info)}))})")
             continue
-        nu_first, dense_first = float(r.metrics["lm_loss"].iloc[0]), float(match.metrics["lm_loss"].iloc[0])
-        pairs.append({"nu_run": r.name, "dense_run": match.name, "seed": r.seed, "nu_first_lm_loss": nu_first,
-                      "dense_first_lm_loss": dense_first, "abs_diff": abs(nu_first - dense_first)})
+        dense_first = float(match.metrics["lm_loss"].iloc[0])
+        pairs.append({"nu_run": r.name, "dense": f"first logged step of {match.name}", "seed": r.seed,
+                      "nu_first_lm_loss": nu_first, "dense_first_lm_loss": dense_first,
+                      "abs_diff": abs(nu_first - dense_first)})
     evidence = {"tolerance": tol, "pairs": pairs, "skipped": skipped}
     if not pairs:
         return Finding("nu_starts_at_dense", claim, None,
@@ -144,7 +176,7 @@ def finding_nu_starts_at_dense(runs: list, tol: float = DEFAULT_START_TOL) -> Fi
     ok = worst <= tol
     detail = (f"largest |NU - dense| first LM loss {worst:.2e} over {len(pairs)} seed(s) "
               f"{'<=' if ok else '>'} tolerance {tol:g} (e.g. NU {pairs[0]['nu_first_lm_loss']:.4f} vs dense "
-              f"{pairs[0]['dense_first_lm_loss']:.4f})")
+              f"{pairs[0]['dense_first_lm_loss']:.4f}, from the {pairs[0]['dense']})")
     if skipped:
         detail += f"; {len(skipped)} NU run(s) without a same-batch dense run left out"
     return Finding("nu_starts_at_dense", claim, ok, detail, evidence)
@@ -216,9 +248,9 @@ def finding_nu_routing_collapses(metrics: pd.DataFrame | None) -> Finding:
 
 
 def findings(runs: list, final: pd.DataFrame, routing_metrics: pd.DataFrame | None,
-             start_tol: float = DEFAULT_START_TOL) -> list[Finding]:
+             start_tol: float = DEFAULT_START_TOL, first_batch: dict | None = None) -> list[Finding]:
     """The four verdicts, in the paper's order."""
-    return [finding_nu_starts_at_dense(runs, start_tol), finding_fs_starts_worst(final),
+    return [finding_nu_starts_at_dense(runs, start_tol, first_batch), finding_fs_starts_worst(final),
             finding_du_ends_below_nu(final), finding_nu_routing_collapses(routing_metrics)]
 
 
@@ -405,7 +437,7 @@ def _build(rd: RunDir, out: Path, window: int | None, last: int | None, start_to
         pd.DataFrame(frows).to_csv(out / "flops.csv", index=False, float_format="%.6g")
         save_figure(plot_plan(frows, "full"), out, "flops", formats)
 
-    found = findings(runs, curves["final"], rmetrics, start_tol)
+    found = findings(runs, curves["final"], rmetrics, start_tol, rd.first_batch)
     provenance = {"generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "run_dir": str(rd.root.resolve()), "git": _git_commit(), "versions": _versions(),
                   "config_files": {str(p.relative_to(rd.root)): _sha256(p) for p in rd.config_files},
@@ -468,9 +500,9 @@ def _build(rd: RunDir, out: Path, window: int | None, last: int | None, start_to
               + (" (uncommitted changes)" if provenance["git"].get("dirty") else ""),
               "- versions: " + ", ".join(f"{k} {v}" for k, v in provenance["versions"].items()),
               *(f"- config `{k}`: sha256 `{v[:16]}…`" for k, v in provenance["config_files"].items()), ""]
-    if rd.provenance is not None:
-        lines += ["Recorded by the recipe (`provenance.json`):", "", "```json",
-                  json.dumps(rd.provenance, indent=2, default=str), "```", ""]
+    for name, content in rd.provenance.items():
+        lines += [f"<details><summary>Recorded by the recipe (<code>{name}</code>)</summary>", "", "```json",
+                  json.dumps(content, indent=2, default=str), "```", "", "</details>", ""]
     lines += ["Runs (seed, budget, model shape; the full configs are in each run's `run.json`):", "",
               markdown_table(runs_df, ".3g"), ""]
     return {"findings": found, "json": _jsonable(payload), "readme": "\n".join(lines)}

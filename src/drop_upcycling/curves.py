@@ -294,7 +294,8 @@ def plot_curves(curves: dict[str, MethodCurve], band: str = "minmax", window: in
     the smoothed curves; the shaded band spans the seeds (when there are several). The dense run is
     the black dashed reference. The y axis starts a little below the lowest loss and is cut above
     the highest loss seen after the first 10% of tokens, so that the early spike of from-scratch
-    training does not flatten the rest (the cut is written on the axis).
+    training does not flatten the rest (only when a start lies over half that range above it; the cut
+    is written on the axis).
     """
     import matplotlib.pyplot as plt
     from matplotlib.ticker import EngFormatter
@@ -326,10 +327,13 @@ def plot_curves(curves: dict[str, MethodCurve], band: str = "minmax", window: in
             late_highs.append(np.nanmax(late if len(late) else loss))
     low, top = min(lows), max(late_highs)
     pad = 0.06 * max(top - low, 1e-3)
-    top_cut = top + 2 * pad
+    # Cut only when some run starts far above everything later (from-scratch training): by over half
+    # the range the rest of the curves span.
+    cut = max(starts) > top + 0.5 * (top - low)
+    top_cut = top + 2 * pad if cut else max(max(starts), top) + pad
     for ax in axes:
-        ax.set_ylim(low - pad, min(max(starts) + pad, top_cut))
-    if max(starts) > top_cut:
+        ax.set_ylim(low - pad, top_cut)
+    if cut:
         axes[0].text(0.99, 0.98, f"y axis cut at {top_cut:.2f}; highest start {max(starts):.2f}",
                      transform=axes[0].transAxes, ha="right", va="top", fontsize=9, color="0.3")
     axes[0].set_xlabel("training tokens")
@@ -399,6 +403,8 @@ def crossover_markdown(cross: pd.DataFrame) -> str:
     from .plotstyle import method_label
 
     methods = order_methods(list(cross["a"]) + list(cross["b"]))
+    if len(methods) < 2:
+        return "(one method only: no crossovers)"
     table = []
     for a in methods:
         row = {"A stays below B from": method_label(a)}

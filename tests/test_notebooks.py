@@ -65,3 +65,23 @@ def test_flops_notebook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
 
     expected = pd.DataFrame(plan_table(TrainingPlan(seq_len=2048)))
     assert table["total_flops_full"].tolist() == pytest.approx(expected["total_flops_full"].tolist())
+
+
+def test_curves_notebook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_curves import write_run
+
+    from drop_upcycling.curves import analyze_curves
+
+    runs = [write_run(tmp_path / "runs", "nu-s0", "NU", 0, [3.0, 2.9, 2.8, 2.7]),
+            write_run(tmp_path / "runs", "du0.5-s0", "DU-0.5", 0, [3.5, 2.9, 2.6, 2.5])]
+    dense = write_run(tmp_path / "runs", "dense-s0", "dense", 0, [3.0, 3.0, 2.95, 2.9], moe=False)
+    out = tmp_path / "out"
+    env = {"CURVES_RUNS": ":".join(map(str, runs)), "CURVES_DENSE": str(dense), "CURVES_SMOOTH": "1",
+           "CURVES_OUT": str(out)}
+    text = _execute("curves.ipynb", env, monkeypatch)
+    assert "python:" in text and "lowest final LM loss: Drop-Upcycling r=0.5 (DU-0.5) 2.5000" in text
+    assert (out / "loss_curves.png").stat().st_size > 10_000
+    expected = analyze_curves(runs, tmp_path / "ref", dense=dense, window=1)["final"]
+    got = pd.read_csv(out / "final_losses.csv")
+    assert got["method"].tolist() == ["dense", "NU", "DU-0.5"]
+    assert got["final_lm_loss_mean"].tolist() == pytest.approx(expected["final_lm_loss_mean"].tolist())

@@ -193,3 +193,10 @@ def test_report_flips_a_verdict_and_bad_inputs(tmp_path: Path) -> None:
 
 def _no_nan(name: str) -> None:
     raise AssertionError(f"findings.json is not strict JSON: {name}")
+
+
+def test_routing_figure_takes_the_first_seed_of_each_method() -> None:
+    from drop_upcycling.report import _one_model_per_method
+
+    models = pd.Series(["nu-s1", "du0.5-s1", "nu-s0", "fs-s0", "du0.5-s0", "fs-s1"])
+    assert _one_model_per_method(models) == ["fs-s0", "nu-s0", "du0.5-s0"]

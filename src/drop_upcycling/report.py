@@ -285,11 +285,13 @@ def eval_tables(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def routing_summary(metrics: pd.DataFrame) -> pd.DataFrame:
     """Per model: mean entropy and specialization over layers, unused experts in the last layer."""
-    from .plotstyle import method_label
+    from .curves import METHOD_ORDER
+    from .plotstyle import method_key, method_label
 
+    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
     rows = []
-    for model, g in metrics.groupby("model", sort=False):
-        g = g.sort_values("layer")
+    for model in sorted(metrics["model"].unique(), key=lambda m: (rank.get(method_key(m), len(rank)), m)):
+        g = metrics[metrics["model"] == model].sort_values("layer")
         rows.append({"model": model, "method": method_label(model), "layers": len(g),
                      "entropy (bits)": float(g["entropy"].mean()),
                      "specialization": float(g["specialization"].mean()),
@@ -425,8 +427,10 @@ def _build(rd: RunDir, out: Path, window: int | None, last: int | None, start_to
 
     rmetrics = None
     if rd.routing_csvs:
-        analyze_routing(rd.routing_csvs, out / "routing", formats=formats)
-        rmetrics = routing_metrics(read_counts(rd.routing_csvs))
+        counts = read_counts(rd.routing_csvs)
+        analyze_routing(rd.routing_csvs, out / "routing", models=_one_model_per_method(counts["model"]),
+                        formats=formats)
+        rmetrics = routing_metrics(counts)
     evals = None
     if rd.eval_csv:
         full, short = eval_tables(rd.eval_csv)
@@ -475,6 +479,7 @@ def _build(rd: RunDir, out: Path, window: int | None, last: int | None, start_to
     lines += ["## Routing", ""]
     if rmetrics is not None:
         lines += ["![Expert shares per domain (Figure 5 layout)](routing/routing_fig5.png)", "",
+                  "The figure shows the first seed of each method; the table below has every model.", "",
                   "Specialization: mean pairwise L1 distance between the domains' expert distributions "
                   "(0 = every domain routed alike, 2 = disjoint experts); entropy of the pooled distribution "
                   "in bits. Per layer: `routing/routing_metrics.csv`.", "",
@@ -506,6 +511,18 @@ def _build(rd: RunDir, out: Path, window: int | None, last: int | None, start_to
     lines += ["Runs (seed, budget, model shape; the full configs are in each run's `run.json`):", "",
               markdown_table(runs_df, ".3g"), ""]
     return {"findings": found, "json": _jsonable(payload), "readme": "\n".join(lines)}
+
+
+def _one_model_per_method(models: pd.Series) -> list[str]:
+    """The figure's columns: the first model (by name, so seed 0) of each method, in the paper's order;
+    the metrics keep every model."""
+    from .curves import order_methods
+    from .plotstyle import method_key
+
+    first: dict[str, str] = {}
+    for m in sorted(set(models)):
+        first.setdefault(method_key(m), m)
+    return [first[k] for k in order_methods(list(first))]
 
 
 def _jsonable(x):

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_curves import write_run
+from test_curves import SEQ_LEN, write_run
 
 from drop_upcycling.cli import main
+from drop_upcycling.configs import get_model_config
 from drop_upcycling.curves import final_table, read_runs, run_table
 from drop_upcycling.errors import UserError
+from drop_upcycling.flops import training_flops_per_token
 from drop_upcycling.report import (
     finding_du_ends_below_nu,
     finding_fs_starts_worst,
@@ -137,6 +139,8 @@ def make_run_dir(root: Path) -> Path:
 
 def test_report_files_and_verdicts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = make_run_dir(tmp_path / "run")
+    write_run(run_dir / "runs", "btx-s0", "BTX", 0, [3.2, 2.75])
+    write_run(run_dir / "btx_branches", "ja", "dense-ja", 0, [3.0, 2.9], moe=False)
     out = tmp_path / "report"
     assert main(["report", str(run_dir), "--out", str(out), "--smooth", "3", "--last", "3"]) == 0
     printed = capsys.readouterr().out
@@ -161,6 +165,9 @@ def test_report_files_and_verdicts(tmp_path: Path, capsys: pytest.CaptureFixture
     flops = pd.read_csv(out / "flops.csv").set_index("method")
     pre_tokens = 3 * 100
     assert flops.loc["FS", "seed_tokens"] == 0 and flops.loc["NU", "seed_tokens"] == pre_tokens
+    assert flops.loc["BTX", "seed_tokens"] == pre_tokens + 2 * 100  # + its branch
+    dense_fpt = training_flops_per_token(get_model_config("tiny-dense"), SEQ_LEN)
+    assert flops.loc["BTX", "seed_flops_full"] == pytest.approx((pre_tokens + 200) * dense_fpt)
 
     # Rerun over the previous report: replaced; a foreign non-empty folder is refused.
     assert main(["report", str(run_dir), "--out", str(out)]) == 0

@@ -18,6 +18,7 @@ Layout contract of ``RUN_DIR`` (what the smoke recipe writes; only ``runs/`` is 
                                            The method is run.method, else the folder name (NU-s1 -> NU).
       pretrain/[<name>/]metrics.jsonl      optional: the dense pre-training, run.json beside it (its cost =
                                            the seed cost of every upcycled method)
+      btx_branches/<domain>/metrics.jsonl  optional: BTX's domain branches (their cost joins BTX's seed cost)
       checks/first_batch.json              optional: {"losses": {"<seed>": {"dense-final": x, ...}}}, the
                                            pre-trained dense model's LM loss on the first global batch of the
                                            runs of each seed (an evaluation pass); preferred for finding (a)
@@ -84,6 +85,7 @@ class RunDir:
     root: Path
     run_dirs: list[Path]
     pretrain: Path | None
+    branches: list[Path]
     eval_csv: Path | None
     routing_csvs: list[Path]
     provenance: dict[str, object]
@@ -104,6 +106,7 @@ def discover(root: str | Path) -> RunDir:
     if len(pretrain_logs) > 1:
         raise UserError(f"{root / 'pretrain'} holds several runs ({len(pretrain_logs)}); expected one dense pre-training")
     pretrain = pretrain_logs[0].parent if pretrain_logs else None
+    branches = sorted(p.parent for p in (root / "btx_branches").glob("*/metrics.jsonl"))
     eval_csv = root / "eval" / "results.csv" if (root / "eval" / "results.csv").is_file() else None
     routing = sorted((root / "routing").glob("*/routing_counts.csv")) + sorted((root / "routing").glob("*.csv"))
     provenance = {name: _read_json(root / name) for name in ("provenance.json", "smoke.json")
@@ -112,7 +115,7 @@ def discover(root: str | Path) -> RunDir:
         else None
     configs = sorted([*root.glob("*.yaml"), *root.glob("*.yml"),
                       *(p for p in (root / "configs").rglob("*") if p.is_file())])
-    return RunDir(root, run_dirs, pretrain, eval_csv, routing, provenance, configs, first_batch)
+    return RunDir(root, run_dirs, pretrain, branches, eval_csv, routing, provenance, configs, first_batch)
 
 
 def _read_json(path: Path) -> object:
@@ -300,15 +303,17 @@ def routing_summary(metrics: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def flops_rows(runs: list, pretrain) -> list[dict]:
+def flops_rows(runs: list, pretrain, branches: list | None = None) -> list[dict]:
     """Per method: parameters, FLOPs per token and total training FLOPs, rows shaped like
-    :func:`drop_upcycling.flops.plan_table` (seed = the dense pre-training for every upcycled method
-    and for the dense reference, none for FS) so :func:`drop_upcycling.flops.plot_plan` draws them."""
+    :func:`drop_upcycling.flops.plan_table` so :func:`drop_upcycling.flops.plot_plan` draws them.
+
+    Seed cost = the dense pre-training for every upcycled method and for the dense reference (none
+    for FS), plus for BTX the training of its domain branches (``btx_branches/``)."""
     from .configs import ModelConfig
     from .curves import order_methods
     from .flops import _human, flops_row
 
-    def row_of(run, method: str, seed_row: dict | None, seed_tokens: float) -> dict:
+    def row_of(run, method: str, seed: dict[str, float]) -> dict:
         info = run.info
         cfg = ModelConfig.from_hf_dict(info["model"], name=run.name)
         fr = flops_row(cfg, (info.get("run") or {}).get("seq_len") or None)
@@ -316,28 +321,36 @@ def flops_rows(runs: list, pretrain) -> list[dict]:
         out = {"model": f"{_human(fr['total_params'])} params", "method": method, "run": run.name,
                "total_params": fr["total_params"], "active_params": fr["active_params"],
                "flops_per_token_6n": fr["flops_per_token_6n"], "flops_per_token_full": fr["flops_per_token_full"],
-               "seed_tokens": seed_tokens, "tokens": tokens}
+               "seed_tokens": seed["tokens"], "tokens": tokens}
         for kind in ("6n", "full"):
-            seed = seed_row[f"flops_per_token_{kind}"] * seed_tokens if seed_row else 0.0
-            out[f"seed_flops_{kind}"] = seed
+            out[f"seed_flops_{kind}"] = seed[kind]
             out[f"train_flops_{kind}"] = fr[f"flops_per_token_{kind}"] * tokens
-            out[f"total_flops_{kind}"] = seed + out[f"train_flops_{kind}"]
+            out[f"total_flops_{kind}"] = seed[kind] + out[f"train_flops_{kind}"]
         return out
 
-    usable = [r for r in runs if isinstance(r.info.get("model"), dict)]
-    rows, seed_row, seed_tokens = [], None, 0.0
+    def cost(run_rows: list[dict]) -> dict[str, float]:
+        return {k: sum(r[src] for r in run_rows) for k, src in (("tokens", "tokens"), ("6n", "train_flops_6n"),
+                                                                 ("full", "train_flops_full"))}
+
+    none = {"tokens": 0.0, "6n": 0.0, "full": 0.0}
+    has_model = [r for r in runs if isinstance(r.info.get("model"), dict)]
+    rows, pre_cost = [], none
     if pretrain is not None and isinstance(pretrain.info.get("model"), dict):
-        pre = row_of(pretrain, "dense", None, 0.0)
+        pre = row_of(pretrain, "dense", none)
         pre["model"] = "pre-training"
         rows.append(pre)
-        seed_row, seed_tokens = pre, pre["tokens"]
+        pre_cost = cost([pre])
+    branch_rows = [row_of(b, "dense", none) for b in branches or [] if isinstance(b.info.get("model"), dict)]
+    btx_cost = cost(branch_rows) if branch_rows else none
     by_method = {}
-    for r in usable:
+    for r in has_model:
         by_method.setdefault(r.method, r)
-    for method in [m for m in order_methods(list(by_method)) if m != "dense"] + (["dense"] if "dense" in by_method
-                                                                               else []):
-        upcycled = method != "FS"
-        row = row_of(by_method[method], method, seed_row if upcycled else None, seed_tokens if upcycled else 0.0)
+    methods = [m for m in order_methods(list(by_method)) if m != "dense"] + (["dense"] if "dense" in by_method else [])
+    for method in methods:
+        seed = none if method == "FS" else pre_cost
+        if method == "BTX":
+            seed = {k: pre_cost[k] + btx_cost[k] for k in seed}
+        row = row_of(by_method[method], method, seed)
         if method == "dense":
             row["model"] = "reference"
         rows.append(row)
@@ -436,7 +449,7 @@ def _build(rd: RunDir, out: Path, window: int | None, last: int | None, start_to
         full, short = eval_tables(rd.eval_csv)
         full.to_csv(out / "eval_scores.csv", index=False, float_format="%.6g")
         evals = short
-    frows = flops_rows(runs, pretrain)
+    frows = flops_rows(runs, pretrain, [read_run(b) for b in rd.branches])
     if frows:
         pd.DataFrame(frows).to_csv(out / "flops.csv", index=False, float_format="%.6g")
         save_figure(plot_plan(frows, "full"), out, "flops", formats)
@@ -496,7 +509,8 @@ def _build(rd: RunDir, out: Path, window: int | None, last: int | None, start_to
                                "total FLOPs": f"{r['total_flops_full']:.3e}"} for r in frows])
         lines += ["![Training compute per method](flops.png)", "",
                   "Full count (attention, router, experts, LM head; backward = 2 x forward). Seed = the dense "
-                  "pre-training, charged to every upcycled method and to the dense reference, not to FS. "
+                  "pre-training, charged to every upcycled method and to the dense reference, not to FS; BTX's also "
+                  "includes its domain branches. "
                   "6N figures: `flops.csv`.", "", markdown_table(table), ""]
     else:
         lines += ["No model configs in run.json: FLOPs unknown.", ""]

@@ -437,6 +437,8 @@ def _build(rd: RunDir, out: Path, window: int | None, last: int | None, start_to
     curves = analyze_curves(rd.run_dirs, out / "curves", window=window, last=last, formats=formats)
     runs = [r for c in curves["curves"].values() for r in c.runs]
     pretrain = read_run(rd.pretrain) if rd.pretrain else None
+    if pretrain is not None:
+        pretrain.name = rd.pretrain.relative_to(rd.root).as_posix()  # "pretrain/dense", not a run of the comparison
 
     rmetrics = None
     if rd.routing_csvs:

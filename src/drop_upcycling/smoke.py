@@ -1,0 +1,513 @@
+"""The main job at CPU scale: the paper's whole pipeline on a small model, stage by stage, resumable.
+
+``bash recipes/run_smoke.sh [--scale ci|full] [--out DIR] [--force]`` (``python -m drop_upcycling.smoke``):
+
+1. ``data``: corpus -> splits -> BPE tokenizer -> datatrove shards (``drop-upcycling data prepare``).
+2. ``pretrain``: a small dense Llama from random init, one process (``drop-upcycling train``).
+3. ``branch-<domain>`` (``full`` only): the dense model continued on ja / en / code, the BTX sources.
+4. ``upcycle-<label>``: FS, NU, RNU-0.5, DU-0.5, DU-1.0 (and BTX) per seed (``drop-upcycling upcycle``).
+5. ``first-batch``: the loss of the final dense model and of every upcycled init on the first global
+   batch that the MoE runs of each seed train on (an explicit evaluation pass; see :func:`first_batch_losses`).
+6. ``train-<label>``: every MoE for the same token budget with EP=2 under ``torchrun`` (gloo, 2 procs),
+   and the dense model continued for the same budget as the dense reference (dp=2).
+7. ``evaluate``: the local lm-eval suite on every final checkpoint (``drop-upcycling evaluate``).
+8. ``routing-<label>``: top-k assignment counts per domain of every final MoE (``drop-upcycling routing``).
+9. ``analyze``: routing figure and metrics, FLOPs table, loss curves and the report.
+
+Layout of ``OUT`` (what :mod:`drop_upcycling.report` reads): ``runs/<label>/`` (metrics.jsonl, run.json,
+checkpoints/), ``eval/results.csv``, ``routing/<label>/routing_counts.csv``, ``analysis/``,
+``checks/first_batch.json``, ``smoke.json`` (the manifest: scale, runs, methods, seeds, stage times).
+Labels are ``<method slug>-s<seed>`` (``nu-s0``, ``du0.5-s1``, ``dense-s0``).
+
+Each stage's inputs (its config and the hashes of the stages it depends on) are hashed; a finished
+stage leaves ``stages/<name>.json`` with that hash, and a rerun skips a stage whose hash matches and
+whose outputs exist. A training stage that was interrupted resumes from its latest checkpoint when
+its hash matches; a stage whose hash changed is redone from scratch; ``--force`` redoes everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .checkpoint import write_json as _write_json_file
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+SMOKE_VERSION = 1  # bump when a stage's meaning changes: every stamp is then stale
+DOMAINS = ("c4", "en_wikipedia", "ja_mc4", "code_stack")
+# BTX branches (FACTS.md §1): the seed plus the dense model continued on each domain group.
+BTX_BRANCHES = {"ja": {"ja_mc4": 1.0}, "en": {"c4": 0.5, "en_wikipedia": 0.5}, "code": {"code_stack": 1.0}}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way to build the MoE: its report name, label slug and ``drop-upcycling upcycle`` flags."""
+
+    name: str
+    slug: str
+    upcycle: tuple[str, ...]
+
+
+METHODS = (
+    Method("FS", "fs", ("--method", "scratch")),
+    Method("NU", "nu", ("--method", "naive")),
+    Method("RNU-0.5", "rnu0.5", ("--method", "noise", "--ratio", "0.5")),
+    Method("DU-0.5", "du0.5", ("--method", "drop", "--ratio", "0.5")),
+    Method("DU-1.0", "du1.0", ("--method", "drop", "--ratio", "1.0")),
+    Method("BTX", "btx", ("--method", "btx")),
+)
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Model, budgets and seeds of one scale. ``*_step_s`` are measured seconds per step on 2 cores
+    (used only for the time estimate before any stage has run)."""
+
+    model: dict[str, Any]
+    vocab_size: int
+    seq_len: int
+    global_batch_tokens: int
+    micro_batch_size: int
+    pretrain_steps: int
+    pretrain_lr: float
+    moe_steps: int
+    moe_lr: float
+    seeds: tuple[int, ...]
+    num_experts: int = 8
+    top_k: int = 2
+    branch_steps: int = 0  # BTX branches; 0 = no BTX
+    eval_size: str = "ci"
+    eval_limit: int | None = None
+    routing_tokens: int = 4096
+    dense_step_s: float = 0.05
+    moe_step_s: float = 0.1
+    methods: tuple[str, ...] = ("FS", "NU", "RNU-0.5", "DU-0.5", "DU-1.0")
+    weights: dict[str, float] = field(default_factory=lambda: dict.fromkeys(DOMAINS, 0.25))
+
+
+SCALES: dict[str, Scale] = {
+    # Minutes on 2 cores: CI runs it and asserts on its outputs (recipes/checks/test_smoke_outputs.py).
+    "ci": Scale(
+        model={"base": "tiny-dense", "vocab_size": 2048, "max_position_embeddings": 256},
+        vocab_size=2048, seq_len=64, global_batch_tokens=1024, micro_batch_size=4,
+        pretrain_steps=150, pretrain_lr=3e-3, moe_steps=30, moe_lr=1e-3, seeds=(0,),
+        eval_size="ci", routing_tokens=2048, dense_step_s=0.05, moe_step_s=0.12,
+    ),
+    # The committed CPU reproduction (reports/cpu_reproduction): 4 layers, 128 wide, 8 experts top-2.
+    # Measured on 2 cores: dense 0.22 s/step (one process, 2 threads), MoE 0.40 s/step (EP=2, gloo),
+    # plus ~12 s per torchrun start; 12 MoE runs + 2 dense references + BTX branches ~ 40 min.
+    "full": Scale(
+        model={"base": "tiny-dense", "vocab_size": 2048, "hidden_size": 128, "intermediate_size": 512,
+               "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
+               "max_position_embeddings": 512},
+        vocab_size=2048, seq_len=128, global_batch_tokens=2048, micro_batch_size=8,
+        pretrain_steps=800, pretrain_lr=3e-3, moe_steps=250, moe_lr=1e-3, seeds=(0, 1),
+        branch_steps=120, eval_size="default", eval_limit=30, routing_tokens=16384,
+        dense_step_s=0.22, moe_step_s=0.42, methods=("FS", "NU", "RNU-0.5", "DU-0.5", "DU-1.0", "BTX"),
+    ),
+}
+
+
+# ============================================================================ stages
+@dataclass
+class Stage:
+    """One resumable step: ``spec`` (hashed with the dependencies' hashes) determines ``outputs``."""
+
+    name: str
+    spec: dict[str, Any]
+    outputs: list[Path]
+    action: Callable[[], None]
+    deps: list[str] = field(default_factory=list)
+    estimate_s: float = 5.0
+    resumable: bool = False  # keep partial outputs of an interrupted run with the same hash
+    hash: str = ""
+
+
+class Pipeline:
+    """Runs stages in order, skipping finished ones, printing progress with elapsed time and an estimate."""
+
+    def __init__(self, out: Path, force: bool) -> None:
+        self.out, self.force = out, force
+        self.stages: list[Stage] = []
+        self.by_name: dict[str, Stage] = {}
+        self.times: dict[str, dict[str, Any]] = {}
+
+    def add(self, stage: Stage) -> Stage:
+        stage.spec = json.loads(json.dumps(stage.spec, default=str))  # paths -> str: hashed and stamped as JSON
+        blob = json.dumps({"version": SMOKE_VERSION, "spec": stage.spec,
+                           "deps": {d: self.by_name[d].hash for d in stage.deps}}, sort_keys=True)
+        stage.hash = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        self.stages.append(stage)
+        self.by_name[stage.name] = stage
+        return stage
+
+    def _stamp(self, stage: Stage) -> Path:
+        return self.out / "stages" / f"{stage.name}.json"
+
+    def _done(self, stage: Stage) -> bool:
+        stamp = self._stamp(stage)
+        if self.force or not stamp.is_file():
+            return False
+        record = json.loads(stamp.read_text())
+        return record.get("hash") == stage.hash and record.get("status") == "done" and all(
+            p.exists() for p in stage.outputs)
+
+    def _prepare(self, stage: Stage) -> None:
+        """Remove stale outputs; keep an interrupted resumable stage's outputs when its hash matches."""
+        stamp = self._stamp(stage)
+        record = json.loads(stamp.read_text()) if stamp.is_file() else {}
+        keep = stage.resumable and not self.force and record.get("hash") == stage.hash
+        if not keep:
+            for p in stage.outputs:
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                elif p.exists() or p.is_symlink():
+                    p.unlink()
+        _write_json(stamp, {"name": stage.name, "hash": stage.hash, "status": "started", "spec": stage.spec})
+
+    def run(self) -> dict[str, dict[str, Any]]:
+        t_start = time.perf_counter()
+        total = len(self.stages)
+        done_est = done_actual = 0.0
+        for i, stage in enumerate(self.stages, 1):
+            remaining_est = sum(s.estimate_s for s in self.stages[i - 1:])
+            # Measured vs predicted seconds of the stages run so far, once they add up to something.
+            rate = min(4.0, max(0.25, done_actual / done_est)) if done_actual >= 30 else 1.0
+            elapsed = time.perf_counter() - t_start
+            if self._done(stage):
+                record = json.loads(self._stamp(stage).read_text())
+                self.times[stage.name] = {"seconds": record.get("seconds"), "skipped": True}
+                _say(f"[{i}/{total}] {stage.name}: up to date (hash {stage.hash}), skipped")
+                continue
+            _say(f"[{i}/{total}] {stage.name} ... (elapsed {_fmt(elapsed)}, about {_fmt(remaining_est * rate)} left)")
+            self._prepare(stage)
+            t0 = time.perf_counter()
+            stage.action()
+            seconds = time.perf_counter() - t0
+            missing = [str(p) for p in stage.outputs if not p.exists()]
+            if missing:
+                raise UserError(f"stage {stage.name} finished without writing {', '.join(missing)}")
+            _write_json(self._stamp(stage), {"name": stage.name, "hash": stage.hash, "status": "done",
+                                            "seconds": round(seconds, 2), "spec": stage.spec})
+            self.times[stage.name] = {"seconds": round(seconds, 2), "skipped": False}
+            done_est += stage.estimate_s
+            done_actual += seconds
+            _say(f"[{i}/{total}] {stage.name}: done in {_fmt(seconds)}")
+        _say(f"all {total} stages done in {_fmt(time.perf_counter() - t_start)}; outputs under {self.out}")
+        return self.times
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_json_file(path, data)
+
+
+def _say(msg: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} smoke: {msg}", flush=True)
+
+
+def _fmt(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def _sh(cmd: list[str], env: dict[str, str] | None = None, log_file: Path | None = None) -> None:
+    """Run a command (printed first, so every stage can be repeated by hand); its failure fails the stage."""
+    _say("$ " + " ".join(str(c) for c in cmd))
+    full_env = {**os.environ, **(env or {})}
+    if log_file is None:
+        proc = subprocess.run([str(c) for c in cmd], env=full_env)
+    else:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_file, "a") as f:
+            proc = subprocess.run([str(c) for c in cmd], env=full_env, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        tail = f" (log: {log_file})" if log_file else ""
+        raise UserError(f"command failed with exit code {proc.returncode}: {' '.join(map(str, cmd))}{tail}")
+
+
+def _cli() -> list[str]:
+    return [sys.executable, "-m", "drop_upcycling.cli"]
+
+
+def _torchrun(nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+
+
+# ============================================================================ the plan
+@dataclass(frozen=True)
+class RunSpec:
+    """One compared training run (an MoE of some method, or the dense reference) for one seed."""
+
+    label: str
+    method: str  # FS, NU, ..., or "dense"
+    seed: int
+    init: Path  # the upcycled MoE, or the pre-trained dense checkpoint
+
+
+class Smoke:
+    """Builds the pipeline for a scale and output dir; :meth:`run` executes it."""
+
+    def __init__(self, scale_name: str, out: Path, force: bool = False, corpus: str | None = None,
+                 report_dir: Path | None = None) -> None:
+        if scale_name not in SCALES:
+            raise UserError(f"unknown scale {scale_name!r} (choose {', '.join(SCALES)})")
+        self.scale_name, self.scale = scale_name, SCALES[scale_name]
+        self.out, self.corpus = out, corpus
+        self.pipe = Pipeline(out, force)
+        self.runs: list[RunSpec] = []
+        self.prepared_file = out / "data" / "prepared.txt"
+        self.report_dir = report_dir or out / "report"
+
+    # -- paths
+    def final_checkpoint(self, run_dir: Path, steps: int) -> Path:
+        return run_dir / "checkpoints" / f"step-{steps:08d}"
+
+    @property
+    def pretrain_dir(self) -> Path:
+        return self.out / "pretrain" / "dense"
+
+    @property
+    def dense_ckpt(self) -> Path:
+        return self.final_checkpoint(self.pretrain_dir, self.scale.pretrain_steps)
+
+    def prepared_root(self) -> Path:
+        return Path(self.prepared_file.read_text().strip())
+
+    # -- configs
+    def train_config(self, *, method: str, seed: int, init: Path | None, steps: int, lr: float,
+                     weights: dict[str, float], out: Path, warmup: int) -> dict[str, Any]:
+        s = self.scale
+        return {
+            "method": method, "model": None if init is not None else dict(s.model),
+            "init": str(init) if init is not None else None, "seed": seed,
+            "data": {"corpus": self.corpus, "vocab_size": s.vocab_size, "weights": dict(weights)},
+            "seq_len": s.seq_len, "global_batch_tokens": s.global_batch_tokens,
+            "micro_batch_size": s.micro_batch_size, "steps": steps, "lr": lr, "min_lr": lr / 10,
+            "warmup_steps": warmup, "dtype": "fp32", "out": str(out), "save_every": max(10, steps // 4),
+            "keep_last": 1, "nodes": 1, "gpus_per_node": 2, "ep": 1,
+        }
+
+    def write_config(self, name: str, config: dict[str, Any]) -> Path:
+        path = self.out / "configs" / f"{name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return path
+
+    # -- stages
+    def build(self) -> None:
+        s = self.scale
+        p = self.pipe
+        p.add(Stage("data", {"vocab_size": s.vocab_size, "corpus": self.corpus}, [self.prepared_file],
+                    self._prepare_data, estimate_s=25))
+        pre = self.train_config(method="dense", seed=0, init=None, steps=s.pretrain_steps, lr=s.pretrain_lr,
+                                weights=s.weights, out=self.pretrain_dir, warmup=max(1, s.pretrain_steps // 20))
+        p.add(Stage("pretrain", pre, [self.pretrain_dir], lambda: self._train("pretrain", pre, nproc=1),
+                    deps=["data"], estimate_s=10 + s.pretrain_steps * s.dense_step_s, resumable=True))
+        branches = {}
+        if "BTX" in s.methods:
+            for dom, weights in BTX_BRANCHES.items():
+                out = self.out / "btx_branches" / dom
+                cfg = self.train_config(method=f"dense-{dom}", seed=0, init=self.dense_ckpt, steps=s.branch_steps,
+                                        lr=s.moe_lr, weights=weights, out=out, warmup=max(1, s.branch_steps // 20))
+                name = f"branch-{dom}"
+                p.add(Stage(name, cfg, [out], lambda n=name, c=cfg: self._train(n, c, nproc=1), deps=["pretrain"],
+                            estimate_s=10 + s.branch_steps * s.dense_step_s, resumable=True))
+                branches[dom] = self.final_checkpoint(out, s.branch_steps)
+        for seed in s.seeds:
+            for m in (m for m in METHODS if m.name in s.methods):
+                label = f"{m.slug}-s{seed}"
+                init = self.out / "upcycled" / label
+                args = [*m.upcycle, "--num-experts", str(s.num_experts), "--top-k", str(s.top_k), "--seed", str(seed)]
+                if m.name == "BTX":
+                    srcs = [self.dense_ckpt, branches["ja"], branches["en"], branches["code"]]
+                    cmd = [*_cli(), "upcycle", init, *args, "--sources", *srcs]
+                    deps = ["pretrain", *(f"branch-{d}" for d in BTX_BRANCHES)]
+                else:
+                    cmd = [*_cli(), "upcycle", self.dense_ckpt, init, *args]
+                    deps = ["pretrain"]
+                p.add(Stage(f"upcycle-{label}", {"args": args}, [init], lambda c=cmd: _sh(c), deps=deps, estimate_s=4))
+                self.runs.append(RunSpec(label, m.name, seed, init))
+            self.runs.append(RunSpec(f"dense-s{seed}", "dense", seed, self.dense_ckpt))
+        p.add(Stage("first-batch", {"runs": [asdict(r) for r in self.runs]}, [self.out / "checks" / "first_batch.json"],
+                    self._first_batch, deps=[f"upcycle-{r.label}" for r in self.runs if r.method != "dense"],
+                    estimate_s=5 + 2 * len(self.runs)))
+        finals = {}
+        for r in self.runs:
+            out = self.out / "runs" / r.label
+            cfg = self.train_config(method=r.method, seed=r.seed, init=r.init, steps=s.moe_steps, lr=s.moe_lr,
+                                    weights=s.weights, out=out, warmup=max(1, s.moe_steps // 20))
+            if r.method != "dense":
+                cfg["ep"] = 2
+            dep = "pretrain" if r.method == "dense" else f"upcycle-{r.label}"
+            step_s = s.dense_step_s if r.method == "dense" else s.moe_step_s
+            p.add(Stage(f"train-{r.label}", cfg, [out], lambda n=r.label, c=cfg: self._train(n, c, nproc=2),
+                        deps=[dep], estimate_s=15 + s.moe_steps * step_s, resumable=True))
+            finals[r.label] = self.final_checkpoint(out, s.moe_steps)
+        self.finals = finals
+        train_deps = [f"train-{r.label}" for r in self.runs]
+        eval_spec = {"size": s.eval_size, "limit": s.eval_limit, "labels": list(finals)}
+        p.add(Stage("evaluate", eval_spec, [self.out / "eval"], self._evaluate, deps=["pretrain", *train_deps],
+                    estimate_s=10 + (4 if s.eval_size == "ci" else 25) * (len(finals) + 1)))
+        for r in self.runs:
+            if r.method == "dense":
+                continue
+            out = self.out / "routing" / r.label
+            cmd = [*_cli(), "routing", finals[r.label], "--out", out, "--tokens-per-domain", str(s.routing_tokens),
+                   "--model-name", r.label, "--chunk-len", str(s.seq_len), "--batch-size", "8"]
+            p.add(Stage(f"routing-{r.label}", {"tokens": s.routing_tokens}, [out / "routing_counts.csv"],
+                        lambda c=cmd: _sh([*c, "--data", self.prepared_root()]), deps=[f"train-{r.label}"],
+                        estimate_s=6))
+        routing_deps = [f"routing-{r.label}" for r in self.runs if r.method != "dense"]
+        p.add(Stage("analyze", {"v": 2}, [self.out / "analysis"], self._analyze, deps=[*routing_deps, "evaluate"],
+                    estimate_s=20))
+        p.add(Stage("report", {"v": 1, "out": str(self.report_dir)}, [self.report_dir / "README.md"], self._report,
+                    deps=["analyze"], estimate_s=15))
+
+    # -- actions
+    def _prepare_data(self) -> None:
+        from . import data as data_mod
+
+        prepared = data_mod.prepare_all(corpus=self.corpus, vocab_size=self.scale.vocab_size)
+        self.prepared_file.parent.mkdir(parents=True, exist_ok=True)
+        self.prepared_file.write_text(f"{prepared.root}\n")
+
+    def _train(self, name: str, config: dict[str, Any], nproc: int) -> None:
+        path = self.write_config(name, config)
+        env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc))}
+        out = Path(config["out"])
+        # Only an interrupted run (same hash, see Pipeline._prepare) is resumed: a fresh one writes run.json.
+        resume = ["--resume"] if (out / "metrics.jsonl").is_file() else []
+        if nproc == 1:
+            _sh([*_cli(), "train", path, *resume], env=env, log_file=out / "train.log")
+        else:
+            _sh([*_torchrun(nproc), "-m", "drop_upcycling.train", path, *resume], env=env, log_file=out / "train.log")
+
+    def _first_batch(self) -> None:
+        s = self.scale
+        per_seed = {}
+        for seed in s.seeds:
+            inits = {r.label: r.init for r in self.runs if r.seed == seed and r.method != "dense"}
+            losses = first_batch_losses({"dense-final": self.dense_ckpt, **inits}, self.prepared_root(), s, seed)
+            per_seed[str(seed)] = losses
+        _write_json(self.out / "checks" / "first_batch.json", {
+            "what": "LM loss (mean token cross-entropy) of each checkpoint on the first global batch that the "
+                    "MoE and dense-reference runs of that seed train on (EP=2, 2 data ranks), computed by an "
+                    "evaluation pass before training; 'dense-final' is the pre-trained dense model.",
+            "global_batch_tokens": s.global_batch_tokens, "world_size": 2, "losses": per_seed})
+
+    def _evaluate(self) -> None:
+        s = self.scale
+        ckpts = [self.dense_ckpt, *self.finals.values()]
+        cmd = [*_cli(), "evaluate", *ckpts, "--suite", "local", "--size", s.eval_size, "--out", self.out / "eval",
+               "--overwrite", "--batch-size", "16", "--data", self.prepared_root()]
+        if s.eval_limit:
+            cmd += ["--limit", str(s.eval_limit)]
+        _sh(cmd, log_file=self.out / "logs" / "evaluate.log")
+
+    def _analyze(self) -> None:
+        out = self.out / "analysis"
+        counts = [self.out / "routing" / r.label / "routing_counts.csv" for r in self.runs if r.method != "dense"]
+        _sh([*_cli(), "analyze", "routing", "--counts", *counts, "--out", out / "routing"])
+        dense = [self.out / "runs" / r.label for r in self.runs if r.method == "dense"]
+        moes = [self.out / "runs" / r.label for r in self.runs if r.method != "dense"]
+        _sh([*_cli(), "analyze", "curves", *moes, *dense[1:], "--dense", dense[0], "--out", out / "curves"])
+        nu = next(r for r in self.runs if r.method == "NU")
+        _sh([*_cli(), "flops", "--model", self.dense_ckpt, "--model", self.finals[nu.label],
+             "--tokens", str(self.scale.moe_steps * self.scale.global_batch_tokens), "--seq-len",
+             str(self.scale.seq_len), "--causal", "--format", "table", "--out", out / "flops"])
+        _write_json(out / "manifest.json", self.manifest())
+
+    def _report(self) -> None:
+        _write_json(self.out / "smoke.json", self.record(final=False))
+        _sh([*_cli(), "report", self.out, "--out", self.report_dir])
+
+    def manifest(self) -> dict[str, Any]:
+        return {"scale": self.scale_name, "scale_config": asdict(self.scale),
+                "pretrain": {"dir": "pretrain/dense", "checkpoint": str(self.dense_ckpt.relative_to(self.out))},
+                "runs": [{"label": r.label, "method": r.method, "seed": r.seed, "dir": f"runs/{r.label}",
+                          "checkpoint": str(self.finals[r.label].relative_to(self.out))} for r in self.runs]}
+
+    def record(self, final: bool) -> dict[str, Any]:
+        """smoke.json: the manifest plus stage times (the report shows it as provenance)."""
+        return {**self.manifest(), "stage_seconds": self.pipe.times, "started": self.started,
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z") if final else None,
+                "total_seconds": round(time.perf_counter() - self.t0, 1), "cpu_count": os.cpu_count()}
+
+    def run(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.build()
+        self.t0, self.started = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.pipe.run()
+        _write_json(self.out / "smoke.json", self.record(final=True))
+
+
+# ============================================================================ the first-batch check
+def first_global_batch(prepared_root: Path, scale: Scale, seed: int, world_size: int = 2):
+    """The first global batch of a run with this seed on ``world_size`` data ranks, as the trainer reads it:
+    rank ``r``'s sequences are its reader's first ``global / world_size`` sequences, ranks concatenated."""
+    import torch
+
+    from .data import PreparedData, TokenSequenceReader
+
+    prepared = PreparedData.load(prepared_root)
+    files = prepared.files_by_domain("train", list(scale.weights))
+    per_rank = scale.global_batch_tokens // scale.seq_len // world_size
+    batches = [TokenSequenceReader(files, scale.seq_len, weights=scale.weights, seed=seed, rank=r,
+                                   world_size=world_size).next_batch(per_rank) for r in range(world_size)]
+    return torch.cat(batches)
+
+
+def first_batch_losses(ckpts: dict[str, Path], prepared_root: Path, scale: Scale, seed: int) -> dict[str, float]:
+    """LM loss of each checkpoint on the first global batch of the seed's runs (fp32, no grad)."""
+    import torch
+
+    from .checkpoint import load_model
+
+    ids = first_global_batch(prepared_root, scale, seed)
+    out = {}
+    with torch.no_grad():
+        for label, path in ckpts.items():
+            model = load_model(path, dtype=torch.float32).eval()
+            out[label] = float(model(ids, labels=ids).lm_loss)
+    return out
+
+
+# ============================================================================ CLI
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="recipes/run_smoke.sh", description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", default="full", choices=tuple(SCALES), help="ci: minutes (CI); full: < 1 h")
+    parser.add_argument("--out", type=Path, default=Path("reports/smoke"), help="output dir (default reports/smoke)")
+    parser.add_argument("--force", action="store_true", help="redo every stage, even up-to-date ones")
+    parser.add_argument("--corpus", default=None, help="corpus dir (default $DROP_UPCYCLING_CORPUS / cache)")
+    parser.add_argument("--report", type=Path, default=None, help="report dir (default OUT/report)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    try:
+        Smoke(args.scale, args.out, force=args.force, corpus=args.corpus, report_dir=args.report).run()
+    except UserError as e:
+        print(f"run_smoke: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

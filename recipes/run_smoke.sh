@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: the paper's pipeline end to end at CPU scale (no GPU needed).
 #
-#   bash recipes/run_smoke.sh [--scale ci|full] [--out DIR] [--force] [--corpus DIR]
+#   bash recipes/run_smoke.sh [--scale ci|full] [--out DIR] [--force] [--corpus DIR] [--report DIR]
 #
 # corpus -> tokenizer -> shards; pre-train a small dense Llama; upcycle it by FS, NU, RNU-0.5, DU-0.5,
 # DU-1.0 (and BTX at full scale); train every MoE for the same token budget with EP=2 under torchrun

@@ -12,7 +12,8 @@
    and the dense model continued for the same budget as the dense reference (dp=2).
 7. ``evaluate``: the local lm-eval suite on every final checkpoint (``drop-upcycling evaluate``).
 8. ``routing-<label>``: top-k assignment counts per domain of every final MoE (``drop-upcycling routing``).
-9. ``analyze``: routing figure and metrics, FLOPs table, loss curves and the report.
+9. ``analyze``: routing figure and metrics, loss curves, FLOPs table (``drop-upcycling analyze``, ``flops``).
+10. ``report``: ``drop-upcycling report OUT --out REPORT`` (default ``OUT/report``): README, figures, verdicts.
 
 Layout of ``OUT`` (what :mod:`drop_upcycling.report` reads): ``runs/<label>/`` (metrics.jsonl, run.json,
 checkpoints/), ``eval/results.csv``, ``routing/<label>/routing_counts.csv``, ``analysis/``,
@@ -451,6 +452,8 @@ class Smoke:
 
     def run(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.prepared_file.is_file() and not (self.prepared_root() / "prepared.json").is_file():
+            self.prepared_file.unlink()  # the data cache was cleared: prepare it again (same key, same data)
         self.build()
         self.t0, self.started = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.pipe.run()

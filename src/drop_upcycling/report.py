@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import logging
 import math
@@ -59,6 +58,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .data_pipeline import sha256_file
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -384,14 +384,6 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def runs_provenance(runs: list) -> pd.DataFrame:
     rows = []
     for r in runs:
@@ -459,7 +451,7 @@ def _build(rd: RunDir, out: Path, window: int | None, last: int | None, start_to
     found = findings(runs, curves["final"], rmetrics, start_tol, rd.first_batch)
     provenance = {"generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "run_dir": str(rd.root.resolve()), "git": _git_commit(), "versions": _versions(),
-                  "config_files": {str(p.relative_to(rd.root)): _sha256(p) for p in rd.config_files},
+                  "config_files": {str(p.relative_to(rd.root)): sha256_file(p) for p in rd.config_files},
                   "recipe": rd.provenance}
     runs_df = runs_provenance(runs + ([pretrain] if pretrain else []))
     payload = {"findings": [asdict(f) for f in found],

@@ -298,9 +298,13 @@ class UpcycleSummary:
             f"router {self.options['router_init']}, index {self.options['index_mode']}, stats {self.options['stats']})",
             f"shape        {m['num_hidden_layers']} layers, hidden {m['hidden_size']}, ffn {m['intermediate_size']}, "
             f"{m['num_experts']} experts top-{m['num_experts_per_tok']}, vocab {m['vocab_size']}",
-            f"parameters   {self.total_params / 1e9:.3f}B total, {self.active_params / 1e9:.3f}B active per token",
+            f"parameters   {_count(self.total_params)} total, {_count(self.active_params)} active per token",
             f"output size  {self.output_bytes / 1e6:,.1f} MB ({self.dtype})",
         ]
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
 def upcycle(

@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .configs import ModelConfig
+from .configs import ModelConfig, read_hf_config
 from .errors import UserError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -273,9 +273,7 @@ class CheckpointReader:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        if not self.path.is_dir():
-            raise UserError(f"checkpoint {self.path} does not exist or is not a directory")
-        self.config_dict = _read_config(self.path)
+        self.config_dict = read_hf_config(self.path)
         self.config = ModelConfig.from_hf_dict(self.config_dict, name=self.path.name)
         self._handles: dict[str, object] = {}
         self.weight_map = self._weight_map()
@@ -329,6 +327,12 @@ class CheckpointReader:
             raise UserError(f"tensor {name} in {self.path} has shape {tuple(t.shape)}, expected {tuple(shape)}")
         return t if dtype is None else t.to(dtype)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape from its shard header, without reading its data."""
+        if name not in self.weight_map:
+            raise UserError(f"{self.path} lacks tensor {name}")
+        return tuple(self._open(self.weight_map[name]).get_slice(name).get_shape())
+
     def dtype(self) -> torch.dtype:
         """Storage dtype of the checkpoint (of its first tensor)."""
         first = next(iter(self.weight_map))
@@ -336,14 +340,6 @@ class CheckpointReader:
         return _SAFETENSORS_DTYPES.get(name, torch.float32)
 
 
-def _read_config(path: Path) -> dict:
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        raise UserError(f"{path} has no config.json")
-    try:
-        return json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{cfg} is not valid JSON: {e}") from None
 
 
 def load_state_into(model: torch.nn.Module, reader: CheckpointReader) -> None:

@@ -197,17 +197,7 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ModelConfig:
-        path = Path(path)
-        cfg_file = path / "config.json"
-        if not path.is_dir():
-            raise UserError(f"{path} is not a directory")
-        if not cfg_file.is_file():
-            raise UserError(f"{path} has no config.json")
-        try:
-            d = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{cfg_file} is not valid JSON: {e}") from None
-        return cls.from_hf_dict(d, name=path.name)
+        return cls.from_hf_dict(read_hf_config(path), name=Path(path).name)
 
 
 def _first(x: Any) -> Any:
@@ -271,6 +261,27 @@ def model_config_from_mapping(m: dict[str, Any] | str, name: str = "custom") -> 
         return ModelConfig(**{"name": name, **m})
     except TypeError as e:
         raise UserError(f"incomplete model config: {e}") from None
+
+
+def load_json(path: str | Path) -> Any:
+    """Read a JSON file; a missing or malformed file is a :class:`UserError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+
+
+def read_hf_config(path: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of an HF checkpoint directory, with the directory and file checked."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"checkpoint {path} does not exist or is not a directory")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} has no config.json")
+    return load_json(path / "config.json")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .configs import load_json
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -111,10 +112,7 @@ def read_run(path: str | Path) -> Run:
     info_path = path / "run.json"
     if not info_path.is_file():
         raise UserError(f"{path} has no run.json (written by drop-upcycling train)")
-    try:
-        info = json.loads(info_path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{info_path} is not valid JSON: {e}") from None
+    info = load_json(info_path)
     if not isinstance(info, dict):
         raise UserError(f"{info_path} is not a JSON object")
     run_cfg = info.get("run") or {}

@@ -147,12 +147,19 @@ def cloze_items(docs: Sequence[dict], size: LocalSize, rng: random.Random, domai
     return items
 
 
-def _perplexity_yaml(task: str, data: Path, cache: Path, meta: dict) -> dict:
+def _json_task(task: str, data: Path, cache: Path) -> dict:
+    """The part every local task shares: a JSONL test split read by the ``json`` dataset builder."""
     return {
         "task": task,
         "dataset_path": "json",
         "dataset_kwargs": {"data_files": {"test": str(data)}, "cache_dir": str(cache)},
         "test_split": "test",
+    }
+
+
+def _perplexity_yaml(task: str, data: Path, cache: Path, meta: dict) -> dict:
+    return {
+        **_json_task(task, data, cache),
         "output_type": "loglikelihood_rolling",
         "doc_to_text": "",
         "doc_to_target": "text",
@@ -165,10 +172,7 @@ def _perplexity_yaml(task: str, data: Path, cache: Path, meta: dict) -> dict:
 
 def _cloze_yaml(task: str, data: Path, cache: Path, meta: dict) -> dict:
     return {
-        "task": task,
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(data)}, "cache_dir": str(cache)},
-        "test_split": "test",
+        **_json_task(task, data, cache),
         "output_type": "multiple_choice",
         "doc_to_text": "context",
         "doc_to_choice": "choices",

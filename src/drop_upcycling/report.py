@@ -58,6 +58,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .configs import load_json
 from .data_pipeline import sha256_file
 from .errors import UserError
 
@@ -109,20 +110,13 @@ def discover(root: str | Path) -> RunDir:
     branches = sorted(p.parent for p in (root / "btx_branches").glob("*/metrics.jsonl"))
     eval_csv = root / "eval" / "results.csv" if (root / "eval" / "results.csv").is_file() else None
     routing = sorted((root / "routing").glob("*/routing_counts.csv")) + sorted((root / "routing").glob("*.csv"))
-    provenance = {name: _read_json(root / name) for name in ("provenance.json", "smoke.json")
+    provenance = {name: load_json(root / name) for name in ("provenance.json", "smoke.json")
                   if (root / name).is_file()}
-    first_batch = _read_json(root / "checks" / "first_batch.json") if (root / "checks" / "first_batch.json").is_file() \
+    first_batch = load_json(root / "checks" / "first_batch.json") if (root / "checks" / "first_batch.json").is_file() \
         else None
     configs = sorted([*root.glob("*.yaml"), *root.glob("*.yml"),
                       *(p for p in (root / "configs").rglob("*") if p.is_file())])
     return RunDir(root, run_dirs, pretrain, branches, eval_csv, routing, provenance, configs, first_batch)
-
-
-def _read_json(path: Path) -> object:
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
 
 
 # ============================================================================ findings

@@ -238,9 +238,7 @@ class Sources:
         """Every expected tensor present with the right shape (from the headers: no data read)."""
         for r in self.readers:
             for name, shape in self._expected.items():
-                if name not in r:
-                    raise UserError(f"{r.path} lacks tensor {name}")
-                got = tuple(r._open(r.weight_map[name]).get_slice(name).get_shape())
+                got = r.shape(name)
                 if got != shape:
                     raise UserError(f"tensor {name} in {r.path} has shape {got}, expected {shape}")
 
@@ -252,9 +250,8 @@ class Sources:
         return torch.stack([r.get(name, shape, torch.float32) for r in self.readers]).mean(dim=0)
 
     def ffn(self, layer: int, dtype: torch.dtype, source: int = 0) -> FFN:
-        r = self.readers[source]
-        return FFN(*(r.get(hf_dense_ffn_name(layer, DENSE_PROJ[m]), self._expected[hf_dense_ffn_name(layer, DENSE_PROJ[m])], dtype)
-                     for m in MATRICES))
+        names = [hf_dense_ffn_name(layer, DENSE_PROJ[m]) for m in MATRICES]
+        return FFN(*(self.readers[source].get(n, self._expected[n], dtype) for n in names))
 
     def dtype(self) -> torch.dtype:
         return self.readers[0].dtype()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,154 @@ import yaml
 from .errors import UserError
 
 AUX_LOSS_MODES = ("global", "per_layer")
+
+
+# ============================================================================ validation
+@dataclass(frozen=True)
+class Spec:
+    """What one config key may hold, so that a bad value is one line naming the file, key and value.
+
+    ``kind`` is ``int``, ``real``, ``bool``, ``str``, ``mapping`` or ``any``; numbers must lie in
+    ``[low, high)`` (``(low, high)`` with ``open_low``); ``optional`` also allows null.
+    """
+
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    optional: bool = False
+
+    def describe(self) -> str:
+        if self.kind in ("bool", "str", "mapping"):
+            text = {"bool": "true or false", "str": "a non-empty string", "mapping": "a mapping (key: value)"}[self.kind]
+        else:
+            text = "an integer" if self.kind == "int" else "a number"
+            if self.low is not None and self.high is not None:
+                text += f" in {'(' if self.open_low else '['}{self.low:g}, {self.high:g})"
+            elif self.low is not None:
+                text += f" {'>' if self.open_low else '>='} {self.low:g}"
+        return text + (" or null" if self.optional else "")
+
+
+POSITIVE_INT = Spec("int", low=1)
+COUNT = Spec("int", low=0)
+POSITIVE = Spec("real", low=0, open_low=True)
+NON_NEGATIVE = Spec("real", low=0)
+FRACTION = Spec("real", low=0, high=1)
+BOOL = Spec("bool")
+TEXT = Spec("str")
+MAPPING = Spec("mapping")
+
+
+def _optional(spec: Spec) -> Spec:
+    return dataclasses.replace(spec, optional=True)
+
+
+def check_value(value: Any, spec: Spec, key: str, source: str | Path | None = None, *,
+                numeric_strings: bool = False) -> Any:
+    """``value`` if it fits ``spec`` (numbers as int or float), else a :class:`UserError`.
+
+    ``numeric_strings`` accepts numbers written as strings: YAML 1.1 reads ``2e-4`` as one.
+    """
+    where = f"{source}: " if source is not None else ""
+
+    def bad() -> UserError:
+        return UserError(f"{where}{key} must be {spec.describe()}, got {value!r}")
+
+    if value is None:
+        if spec.optional:
+            return None
+        raise bad()
+    if spec.kind == "any":
+        return value
+    if spec.kind == "bool":
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if spec.kind == "str":
+        if not isinstance(value, str) or not value:
+            raise bad()
+        return value
+    if spec.kind == "mapping":
+        if not isinstance(value, dict):
+            raise bad()
+        return value
+    number = value
+    if isinstance(value, str) and numeric_strings:
+        try:
+            number = float(value)
+        except ValueError:
+            raise bad() from None
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+        raise bad()
+    if spec.kind == "int":
+        if not float(number).is_integer() or (isinstance(value, float) and not numeric_strings):
+            raise bad()
+        number = int(number)
+    else:
+        number = float(number)
+    if spec.low is not None and (number < spec.low or (spec.open_low and number == spec.low)):
+        raise bad()
+    if spec.high is not None and number >= spec.high:
+        raise bad()
+    return number
+
+
+def check_fields(d: dict[str, Any], specs: dict[str, Spec], source: str | Path | None = None, *, prefix: str = "",
+                 numeric_strings: bool = False, unknown: str | None = None) -> dict[str, Any]:
+    """Check the keys of ``d`` that ``specs`` names; returns ``d`` with numbers normalized.
+
+    ``unknown`` (a noun such as "model field") refuses keys that ``specs`` does not name.
+    """
+    if unknown is not None:
+        extra = sorted(set(d) - set(specs), key=str)
+        if extra:
+            where = f"{source}: " if source is not None else ""
+            raise UserError(f"{where}unknown {unknown}(s) {', '.join(f'{prefix}{k}' for k in extra)} "
+                            f"(known: {', '.join(specs)})")
+    return {k: check_value(v, specs[k], prefix + k, source, numeric_strings=numeric_strings) if k in specs else v
+            for k, v in d.items()}
+
+
+# ModelConfig fields (a YAML ``model:`` mapping) and the HF config.json keys they are read from.
+MODEL_SPECS: dict[str, Spec] = {
+    "vocab_size": POSITIVE_INT, "hidden_size": POSITIVE_INT, "intermediate_size": POSITIVE_INT,
+    "num_hidden_layers": POSITIVE_INT, "num_attention_heads": POSITIVE_INT, "num_key_value_heads": POSITIVE_INT,
+    "num_experts": COUNT, "num_experts_per_tok": POSITIVE_INT, "max_position_embeddings": POSITIVE_INT,
+    "rope_theta": POSITIVE, "rms_norm_eps": POSITIVE, "tie_word_embeddings": BOOL, "initializer_range": POSITIVE,
+    "router_aux_loss_coef": NON_NEGATIVE, "router_z_loss_coef": NON_NEGATIVE, "aux_loss_mode": TEXT,
+    "bos_token_id": _optional(COUNT), "eos_token_id": _optional(COUNT), "name": TEXT,
+}
+HF_SPECS: dict[str, Spec] = {
+    **{k: MODEL_SPECS[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                   "num_attention_heads", "num_experts_per_tok", "max_position_embeddings",
+                                   "rope_theta", "rms_norm_eps", "tie_word_embeddings", "initializer_range",
+                                   "router_aux_loss_coef", "bos_token_id")},
+    "model_type": TEXT, "num_key_value_heads": _optional(POSITIVE_INT), "num_local_experts": POSITIVE_INT,
+    "head_dim": _optional(POSITIVE_INT), "sliding_window": _optional(COUNT), "hidden_act": TEXT,
+    "attention_bias": BOOL, "mlp_bias": BOOL, "rope_parameters": _optional(MAPPING),
+    "rope_scaling": _optional(MAPPING), "drop_upcycling": _optional(MAPPING),
+}
+HF_EXTRA_SPECS: dict[str, Spec] = {"aux_loss_mode": TEXT, "router_z_loss_coef": NON_NEGATIVE}
+
+
+def check_hf_config(d: Any, source: str | Path) -> dict[str, Any]:
+    """Types and ranges of the ``config.json`` keys this project reads (others are transformers' own).
+
+    Run where a config is read, so that a bad value is one line naming the file, the key and the
+    value, never a traceback from the arithmetic that uses it.
+    """
+    if not isinstance(d, dict):
+        raise UserError(f"{source} must hold a JSON object, got {type(d).__name__}")
+    check_fields(d, HF_SPECS, source)
+    eos = d.get("eos_token_id")
+    for i, token in enumerate(eos if isinstance(eos, list) else [eos]):
+        check_value(token, _optional(COUNT), f"eos_token_id[{i}]" if isinstance(eos, list) else "eos_token_id", source)
+    check_value((d.get("rope_parameters") or {}).get("rope_theta"), _optional(POSITIVE), "rope_parameters.rope_theta",
+                source)
+    check_fields(d.get("drop_upcycling") or {}, HF_EXTRA_SPECS, source, prefix="drop_upcycling.",
+                 unknown="drop_upcycling key")
+    return d
 
 
 @dataclass(frozen=True)
@@ -152,28 +302,41 @@ class ModelConfig:
         }
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any], name: str = "custom") -> ModelConfig:
-        """Read a Llama or Mixtral ``config.json``; anything else is refused with a clear message."""
+    def from_hf_dict(cls, d: dict[str, Any], name: str = "custom", source: str | Path | None = None) -> ModelConfig:
+        """Read a Llama or Mixtral ``config.json``; anything else is refused with a clear message.
+
+        ``source`` (the file) names where a bad value came from; every key is checked by
+        :func:`check_hf_config` before it is used.
+        """
+        source = source if source is not None else f"the config of {name}"
+        d = check_hf_config(d, source)
         arch = d.get("model_type")
         if arch not in ("llama", "mixtral"):
-            raise UserError(f"unsupported architecture {arch!r}: expected a Llama (dense) or Mixtral (MoE) config")
+            raise UserError(f"{source}: unsupported architecture {arch!r}: expected a Llama (dense) or Mixtral (MoE) config")
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                "num_attention_heads") if k not in d]
         if missing:
-            raise UserError(f"config.json lacks {', '.join(missing)}")
+            raise UserError(f"{source} lacks {', '.join(missing)}")
         rope = d.get("rope_parameters") or {}
         rope_theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
-        if (d.get("rope_scaling") or {}).get("rope_type", "default") not in ("default", None):
-            raise UserError("rope scaling is not supported")
+        for key, value in (("rope_scaling", d.get("rope_scaling") or {}), ("rope_parameters", rope)):
+            kind = value.get("rope_type", value.get("type", "default"))
+            if kind not in ("default", None):
+                raise UserError(f"{source}: {key} {kind!r}: rope scaling is not supported")
+        if d.get("hidden_act", "silu") != "silu":
+            raise UserError(f"{source}: hidden_act {d['hidden_act']!r} is not supported (SwiGLU needs silu)")
+        biased = [k for k in ("attention_bias", "mlp_bias") if d.get(k)]
+        if biased:
+            raise UserError(f"{source}: {', '.join(biased)} true is not supported (Llama/Mixtral have no biases)")
         if arch == "mixtral" and d.get("sliding_window") not in (None, 0) and d["sliding_window"] < d.get(
             "max_position_embeddings", 4096
         ):
-            raise UserError(f"sliding-window attention ({d['sliding_window']}) is not supported")
+            raise UserError(f"{source}: sliding-window attention ({d['sliding_window']}) is not supported")
         extra = d.get("drop_upcycling") or {}
         head_dim = d.get("head_dim")
         if head_dim not in (None, d["hidden_size"] // d["num_attention_heads"]):
-            raise UserError(f"head_dim {head_dim} != hidden_size / num_attention_heads is not supported")
-        return cls(
+            raise UserError(f"{source}: head_dim {head_dim} != hidden_size / num_attention_heads is not supported")
+        fields = dict(
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
             intermediate_size=d["intermediate_size"],
@@ -194,6 +357,10 @@ class ModelConfig:
             eos_token_id=_first(d.get("eos_token_id")),
             name=name,
         )
+        try:
+            return cls(**fields)
+        except UserError as e:  # values that do not fit together (heads, top-k)
+            raise UserError(f"{source}: {e}") from None
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ModelConfig:
@@ -241,26 +408,44 @@ def get_model_config(name: str) -> ModelConfig:
     if path.is_dir():
         return ModelConfig.from_pretrained(path)
     if path.suffix in (".yaml", ".yml") and path.is_file():
-        return model_config_from_mapping(load_yaml(path).get("model", {}), name=path.stem)
+        return model_config_from_mapping(load_yaml(path).get("model", {}), name=path.stem, source=path)
     raise UserError(f"unknown model {name!r}: expected one of {', '.join(MODEL_CONFIGS)}, a YAML file or a checkpoint dir")
 
 
-def model_config_from_mapping(m: dict[str, Any] | str, name: str = "custom") -> ModelConfig:
-    """``model:`` in a YAML: either a registered name, or ``{base: NAME, <field>: value, ...}``."""
-    if isinstance(m, str):
-        return get_model_config(m)
-    m = dict(m)
-    base = m.pop("base", None)
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(m) - fields)
-    if unknown:
-        raise UserError(f"unknown model field(s) {', '.join(unknown)}")
-    if base is not None:
-        return get_model_config(base).replace(**m, name=m.get("name", base))
+def model_config_from_mapping(m: dict[str, Any] | str, name: str = "custom", source: str | Path | None = None,
+                              key: str = "model") -> ModelConfig:
+    """``model:`` in a YAML: either a registered name, or ``{base: NAME, <field>: value, ...}``.
+
+    ``source`` (the YAML file) and ``key`` name where a bad value came from.
+    """
+    m = check_model_spec(m, source, key)
+    where = f"{source}: " if source is not None else ""
     try:
+        if isinstance(m, str):
+            return get_model_config(m)
+        m = dict(m)
+        base = m.pop("base", None)
+        if base is not None:
+            return get_model_config(base).replace(**m, name=m.get("name", base))
         return ModelConfig(**{"name": name, **m})
     except TypeError as e:
-        raise UserError(f"incomplete model config: {e}") from None
+        raise UserError(f"{where}incomplete model config: {e}") from None
+    except UserError as e:  # an unknown base, or fields that do not fit together (heads, top-k)
+        if source is None:
+            raise
+        raise UserError(f"{where}{e}") from None
+
+
+def check_model_spec(m: Any, source: str | Path | None = None, key: str = "model") -> str | dict[str, Any]:
+    """``model:`` of a YAML checked without resolving it (a checkpoint it names may not exist yet):
+    a name or path, or a mapping of ModelConfig fields (and ``base``) with values of the right type."""
+    if isinstance(m, str) and m:
+        return m
+    if not isinstance(m, dict):
+        where = f"{source}: " if source is not None else ""
+        raise UserError(f"{where}{key} must be a model name, a path or a mapping of model fields, got {m!r}")
+    return check_fields(m, {"base": TEXT, **MODEL_SPECS}, source, prefix=f"{key}.", numeric_strings=True,
+                        unknown="model field")
 
 
 def load_json(path: str | Path) -> Any:
@@ -275,13 +460,19 @@ def load_json(path: str | Path) -> Any:
 
 
 def read_hf_config(path: str | Path) -> dict[str, Any]:
-    """The ``config.json`` of an HF checkpoint directory, with the directory and file checked."""
+    """The ``config.json`` of an HF checkpoint directory, with the directory, the file and its values checked.
+
+    This is where every checkpoint's config is read, so every check of :meth:`ModelConfig.from_hf_dict`
+    (types, ranges, supported features, consistent shapes) runs here, with the file named in the error.
+    """
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"checkpoint {path} does not exist or is not a directory")
     if not (path / "config.json").is_file():
         raise UserError(f"{path} has no config.json")
-    return load_json(path / "config.json")
+    config = load_json(path / "config.json")
+    ModelConfig.from_hf_dict(config, name=path.name, source=path / "config.json")
+    return config
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -350,19 +541,13 @@ class TrainConfig:
         return -(-self.train_tokens // self.global_batch_tokens)
 
     def check(self) -> None:
-        """Reject values that make no sense, one clear line each."""
-        positive = ("seq_len", "global_batch_tokens", "micro_batch_size", "ep", "nodes", "gpus_per_node")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+        """Reject combinations that make no sense, one clear line each (single values: :data:`TRAIN_SPECS`)."""
         if self.global_batch_tokens % self.seq_len:
             raise UserError(f"global_batch_tokens {self.global_batch_tokens} is not a multiple of seq_len {self.seq_len}")
         if self.total_steps < 1:
             raise UserError(f"steps must be >= 1, got {self.total_steps}")
         if not 0 <= self.min_lr <= self.lr:
             raise UserError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
-        if self.warmup_steps < 0 or self.save_every < 0 or self.keep_last < 1:
-            raise UserError("warmup_steps and save_every must be >= 0 and keep_last >= 1")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise UserError(f"dtype must be auto, bf16 or fp32, got {self.dtype!r}")
         if self.save_dtype not in ("fp32", "bf16"):
@@ -391,40 +576,54 @@ class TrainConfig:
         return model_config_from_mapping(self.model) if self.model is not None else self.model_config()
 
     @classmethod
-    def from_mapping(cls, d: dict[str, Any]) -> TrainConfig:
-        fields_ = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields_)
+    def from_mapping(cls, d: dict[str, Any], source: str | Path | None = None,
+                     overridden: Iterable[str] = ()) -> TrainConfig:
+        """A checked run: every value's type and range (:data:`TRAIN_SPECS`), then :meth:`check`.
+
+        ``source`` (the YAML file) prefixes each error; keys in ``overridden`` came from the command line.
+        """
+        where = f"{source}: " if source is not None else ""
+        unknown = sorted(set(d) - set(TRAIN_SPECS), key=str)
         if unknown:
-            raise UserError(f"unknown training field(s) {', '.join(unknown)}")
-        types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
-        run = cls(**{k: _coerce(k, v, types[k]) for k, v in d.items()})
-        run.check()
+            raise UserError(f"{where}unknown training field(s) {', '.join(map(str, unknown))}")
+        overridden = set(overridden)
+        values = {k: check_value(v, TRAIN_SPECS[k], k, "command line" if k in overridden else source,
+                                 numeric_strings=True) for k, v in d.items()}
+        if values.get("model") is not None:
+            values["model"] = check_model_spec(values["model"], source)
+        if values.get("data") is not None:
+            values["data"] = check_fields(values["data"], DATA_SPECS, source, prefix="data.", numeric_strings=True,
+                                          unknown="data field")
+            for domain, weight in (values["data"].get("weights") or {}).items():
+                check_value(weight, NON_NEGATIVE, f"data.weights.{domain}", source, numeric_strings=True)
+        run = cls(**values)
+        try:
+            run.check()
+        except UserError as e:
+            raise UserError(f"{where}{e}") from None
         return run
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
         d = load_yaml(path)
-        d.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.from_mapping(d)
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return cls.from_mapping({**d, **given}, source=path, overridden=given)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def _coerce(name: str, value: Any, type_name: str) -> Any:
-    """YAML 1.1 reads ``2e-4`` as a string: accept numbers written that way, refuse anything else."""
-    if value is None or type_name not in ("float", "int", "int | None", "bool"):
-        return value
-    if type_name == "bool":
-        if not isinstance(value, bool):
-            raise UserError(f"{name} must be true or false, got {value!r}")
-        return value
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{name} must be a number, got {value!r}") from None
-    if type_name == "float":
-        return number
-    if not number.is_integer() or isinstance(value, bool):
-        raise UserError(f"{name} must be an integer, got {value!r}")
-    return int(number)
+# Types and ranges of a training YAML's keys (TrainConfig's fields) and of its ``data:`` mapping.
+TRAIN_SPECS: dict[str, Spec] = {
+    "model": Spec("any", optional=True), "init": _optional(TEXT), "seed": COUNT, "data": MAPPING,
+    "seq_len": POSITIVE_INT, "global_batch_tokens": POSITIVE_INT, "micro_batch_size": POSITIVE_INT,
+    "train_tokens": _optional(POSITIVE_INT), "steps": _optional(POSITIVE_INT), "lr": POSITIVE, "min_lr": NON_NEGATIVE,
+    "warmup_steps": COUNT, "beta1": FRACTION, "beta2": FRACTION, "eps": POSITIVE, "weight_decay": NON_NEGATIVE,
+    "grad_clip": NON_NEGATIVE, "ep": POSITIVE_INT, "dtype": TEXT, "out": TEXT, "save_every": COUNT,
+    "keep_last": POSITIVE_INT, "save_dtype": TEXT, "tensorboard": BOOL, "nodes": POSITIVE_INT,
+    "gpus_per_node": POSITIVE_INT, "method": _optional(TEXT),
+}
+DATA_SPECS: dict[str, Spec] = {
+    "corpus": _optional(TEXT), "pinned": BOOL, "cache_dir": _optional(TEXT), "vocab_size": POSITIVE_INT, "weights": _optional(MAPPING),
+    "split": TEXT, "seed": COUNT, "max_docs_per_domain": _optional(POSITIVE_INT),
+}

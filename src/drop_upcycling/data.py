@@ -15,6 +15,7 @@ reader costs no RAM beyond one epoch's permutation per domain.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import itertools
 import json
@@ -455,6 +456,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--input", action="append", metavar="DOMAIN=PATH", default=[],
                    help="another corpus instead: a .jsonl[.gz]/.parquet file or folder per domain (repeat)")
     p.add_argument("--text-key", default="text", help="text field of --input records")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse an --input record that is not JSON with a string text field (default: drop it, "
+                        "count the drops and warn)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR")
     p.add_argument("--seed", type=int, default=0, help="salt of the document-hash split")
     p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION)
@@ -482,7 +486,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1)
 
 
-def _parse_inputs(specs: list[str], text_key: str, limit: int | None) -> dict[str, Iterator[str]]:
+def _parse_inputs(specs: list[str], text_key: str, limit: int | None, strict: bool = False) -> dict[str, Iterator[str]]:
     inputs: dict[str, Iterator[str]] = {}
     for spec in specs:
         domain, sep, path = spec.partition("=")
@@ -492,13 +496,22 @@ def _parse_inputs(specs: list[str], text_key: str, limit: int | None) -> dict[st
             raise UserError(f"--input names domain {domain} twice")
         if not Path(path).expanduser().exists():
             raise UserError(f"input {path} does not exist")
-        inputs[domain] = itertools.islice(read_texts(path, text_key), limit)
+        inputs[domain] = _first(read_texts(path, text_key, strict=strict), limit)
     return inputs
 
 
+def _first(texts: Iterator[str], limit: int | None) -> Iterator[str]:
+    """The first ``limit`` texts; ``texts`` is closed right after, so that its count of dropped records
+    is logged when the domain is done, not when the generator is garbage-collected."""
+    with contextlib.closing(texts):  # type: ignore[type-var]
+        yield from itertools.islice(texts, limit)
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.step == "corpus" and args.strict and not args.input:
+        raise UserError("--strict applies to --input records")
     if args.step == "corpus" and args.input:
-        out = write_splits(_parse_inputs(args.input, args.text_key, args.max_docs_per_domain), args.out,
+        out = write_splits(_parse_inputs(args.input, args.text_key, args.max_docs_per_domain, args.strict), args.out,
                            seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
                            overwrite=args.overwrite)
         print(json.dumps(json.loads((out / "splits.json").read_text())["documents"]))

@@ -219,14 +219,20 @@ def write_splits(
     return Path(out_dir)
 
 
-def read_texts(source: str | Path, text_key: str = "text") -> Iterator[str]:
+def read_texts(source: str | Path, text_key: str = "text", *, strict: bool = False) -> Iterator[str]:
     """Texts of a JSONL / JSONL.gz / Parquet file, or of every such file under a folder, via datatrove's readers.
 
     This is how other corpora (llm-jp-corpus v3 folders, any exported dataset) become one domain of
     :func:`write_splits`; for a Hugging Face dataset use datatrove's ``HuggingFaceDatasetReader`` and
     pass ``(d.text for d in reader())`` to :func:`write_splits` directly.
+
+    A record that is not an object with a string ``text_key`` (a corrupt JSONL line, invalid UTF-8, a
+    null text) is dropped, and the drops are counted and logged once per input (datatrove's reader
+    would drop them with a warning only, and lose the rest of a file at invalid UTF-8); ``strict``
+    refuses the first one instead, naming the file and line. Blank lines and empty texts are skipped.
     """
-    from datatrove.pipeline.readers import JsonlReader, ParquetReader
+    from datatrove.io import get_datafolder
+    from datatrove.pipeline.readers import ParquetReader
 
     path = Path(source).expanduser()
     if path.is_dir():
@@ -237,16 +243,50 @@ def read_texts(source: str | Path, text_key: str = "text") -> Iterator[str]:
         raise UserError(f"input {source} does not exist")
     if not files:
         raise UserError(f"input {source} holds no .jsonl[.gz] or .parquet files")
-    for f in files:
-        if f.suffix == ".parquet":
-            reader = ParquetReader(str(f.parent), text_key=text_key, doc_progress=False)
-        elif ".jsonl" in f.name or f.suffix == ".json":
-            reader = JsonlReader(str(f.parent), text_key=text_key, doc_progress=False)
-        else:
-            raise UserError(f"input {f} is neither .jsonl[.gz] nor .parquet")
-        for doc in reader.read_file(f.name):
-            if doc.text.strip():
-                yield doc.text
+    records, dropped = 0, []
+
+    def keep(text: object, where: str) -> bool:
+        nonlocal records
+        records += 1
+        if isinstance(text, str):
+            return bool(text.strip())
+        if strict:
+            raise UserError(f"{where} is not a record with a string {text_key!r} field (--strict refuses it)")
+        dropped.append(where)
+        return False
+
+    def jsonl(f: Path) -> Iterator[str]:
+        with get_datafolder(str(f.parent)).open(f.name, "rb", compression="infer") as lines:
+            for n, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)[text_key]
+                except (ValueError, KeyError, TypeError):  # not JSON, not UTF-8, no such key, not an object
+                    text = None
+                if keep(text, f"{f}:{n}"):
+                    yield text
+
+    def parquet(f: Path) -> Iterator[str]:
+        def adapter(reader: ParquetReader, data: dict, file: str, i: int) -> dict:
+            keep(data.get(text_key), f"{f}: row {records + 1}")
+            return reader._default_adapter(data, file, i)
+
+        reader = ParquetReader(str(f.parent), text_key=text_key, doc_progress=False, adapter=adapter)
+        yield from (doc.text for doc in reader.read_file(f.name) if isinstance(doc.text, str) and doc.text.strip())
+
+    try:
+        for f in files:
+            if f.suffix == ".parquet":
+                yield from parquet(f)
+            elif ".jsonl" in f.name or f.suffix == ".json":
+                yield from jsonl(f)
+            else:
+                raise UserError(f"input {f} is neither .jsonl[.gz] nor .parquet")
+    finally:
+        if dropped:
+            log.warning("input %s: dropped %d of %d records without a string %r field (first: %s); --strict refuses "
+                        "them", source, len(dropped), records, text_key, dropped[0])
 
 
 def prepare_corpus(

@@ -572,9 +572,12 @@ def evaluate(checkpoints: Sequence[str | Path], suite: str, out: str | Path, *, 
              batch_size: int | str = 16, threads: int | None = None, overwrite: bool = False) -> Path:
     """Evaluate every checkpoint on ``suite``; write ``OUT/<label>.json`` and ``OUT/results.csv``. Returns OUT.
 
-    Every check that can fail (paths, tokenizers, task names, offline datasets, packages) runs
-    before the first model is loaded.
+    Every check that can fail (device, paths, tokenizers, task names, offline datasets, packages)
+    runs before the first model is loaded.
     """
+    from .parallel import resolve_device
+
+    device = resolve_device(device)
     if not checkpoints:
         raise UserError("no checkpoint given")
     out = Path(out)
@@ -604,9 +607,6 @@ def evaluate(checkpoints: Sequence[str | Path], suite: str, out: str | Path, *, 
         check_datasets_cached(hub, leaves)
     check_requirements(leaves)
 
-    import torch
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         log.info("using %d CPU threads", set_threads(threads))
     all_rows: list[dict] = []

@@ -275,7 +275,7 @@ def _selected_configs(args: argparse.Namespace) -> list[ModelConfig]:
         data = load_yaml(args.config)
         if "model" not in data:
             raise UserError(f"{args.config} has no model: section")
-        return [model_config_from_mapping(data["model"], name=args.config.stem)]
+        return [model_config_from_mapping(data["model"], name=args.config.stem, source=args.config)]
     if args.model:
         return [get_model_config(m) for m in args.model]
     return [c for c in MODEL_CONFIGS.values() if not c.name.startswith("tiny-")]

@@ -34,6 +34,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def resolve_device(device: str | None = None) -> str:
+    """The device to run on (default: ``cuda`` when a GPU is visible, else ``cpu``), checked before
+    anything is loaded: a CPU-only build or a missing GPU index is one line, not a traceback deep
+    in a model load, and an unknown name is not silently replaced by the CPU."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device {device!r}: expected cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return device
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this PyTorch build has no CUDA support" if torch.version.cuda is None else "no GPU is visible"
+            raise UserError(f"device {device!r} requested but {why}: use --device cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise UserError(f"device {device!r} requested but only {count} GPU(s) are visible (cuda:0..{count - 1})")
+        return device
+    raise UserError(f"device {device!r} is not supported: expected cpu, cuda or cuda:N")
+
+
 def validate_layout(world_size: int, ep: int, num_experts: int) -> int:
     """Check ``world = dp * ep`` and ``E % ep == 0``; return dp. Violations are one-line UserErrors."""
     if ep < 1:

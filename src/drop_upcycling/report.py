@@ -112,11 +112,37 @@ def discover(root: str | Path) -> RunDir:
     routing = sorted((root / "routing").glob("*/routing_counts.csv")) + sorted((root / "routing").glob("*.csv"))
     provenance = {name: load_json(root / name) for name in ("provenance.json", "smoke.json")
                   if (root / name).is_file()}
-    first_batch = load_json(root / "checks" / "first_batch.json") if (root / "checks" / "first_batch.json").is_file() \
-        else None
+    first_batch = read_first_batch(root / "checks" / "first_batch.json") \
+        if (root / "checks" / "first_batch.json").is_file() else None
     configs = sorted([*root.glob("*.yaml"), *root.glob("*.yml"),
                       *(p for p in (root / "configs").rglob("*") if p.is_file())])
     return RunDir(root, run_dirs, pretrain, branches, eval_csv, routing, provenance, configs, first_batch)
+
+
+def read_first_batch(path: Path) -> dict:
+    """``checks/first_batch.json``, checked: ``{"losses": {"<seed>": {"dense-final": x, ...}}}`` with finite
+    numbers. A malformed file is refused, never skipped: skipping it would silently test finding (a)
+    against another reference (the dense run's first step) than the one recorded."""
+    data = load_json(path)
+    losses = data.get("losses") if isinstance(data, dict) else None
+    if not isinstance(losses, dict) or not losses:
+        raise UserError(f"{path}: expected {{\"losses\": {{\"<seed>\": {{\"dense-final\": loss, ...}}}}}}, "
+                        f"got {_short(data)}")
+    for seed, per_ckpt in losses.items():
+        if not seed.lstrip("-").isdigit():
+            raise UserError(f"{path}: losses key {seed!r} is not a seed (an integer)")
+        if not isinstance(per_ckpt, dict) or "dense-final" not in per_ckpt:
+            raise UserError(f"{path}: losses.{seed} must map checkpoint names (with dense-final) to losses, "
+                            f"got {_short(per_ckpt)}")
+        for name, value in per_ckpt.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise UserError(f"{path}: losses.{seed}.{name} must be a finite number, got {value!r}")
+    return data
+
+
+def _short(x: object, n: int = 60) -> str:
+    text = json.dumps(x, default=str)
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 # ============================================================================ findings
@@ -130,12 +156,10 @@ def _same_batch(a: dict, b: dict) -> list[str]:
 
 
 def _first_batch_loss(first_batch: dict | None, seed: int | None) -> float | None:
-    """``dense-final`` of ``checks/first_batch.json`` for ``seed``, when recorded."""
-    try:
-        value = first_batch["losses"][str(seed)]["dense-final"]  # type: ignore[index]
-        return float(value)
-    except (KeyError, TypeError, ValueError):
+    """``dense-final`` of ``checks/first_batch.json`` (:func:`read_first_batch`) for ``seed``, when recorded."""
+    if first_batch is None or str(seed) not in first_batch["losses"]:
         return None
+    return float(first_batch["losses"][str(seed)]["dense-final"])
 
 
 def finding_nu_starts_at_dense(runs: list, tol: float = DEFAULT_START_TOL, first_batch: dict | None = None) -> Finding:

@@ -63,25 +63,59 @@ def read_counts(paths: str | Path | Sequence[str | Path]) -> pd.DataFrame:
         missing = [c for c in COUNT_COLUMNS if c not in df.columns]
         if missing:
             raise UserError(f"{path} lacks column(s) {', '.join(missing)} (expected {', '.join(COUNT_COLUMNS)})")
-        frames.append(_validate(df[COUNT_COLUMNS].copy(), path))
+        frames.append(_validate(df[COUNT_COLUMNS].copy(), path).assign(_file=str(path)))
     counts = pd.concat(frames, ignore_index=True)
     dup = counts.duplicated(["model", "domain", "layer", "expert"])
     if dup.any():
         row = counts[dup].iloc[0]
         raise UserError(f"duplicate counts for model {row.model}, domain {row.domain}, layer {row.layer}, "
                         f"expert {row.expert} (the same model in two files?)")
-    return counts
+    _check_complete(counts)
+    return counts.drop(columns="_file")
+
+
+def _check_complete(counts: pd.DataFrame) -> None:
+    """Every model has a row for each (domain, layer 0..L-1, expert 0..E-1), E the same in every layer.
+
+    Checked over all files together (a model's domains may come from several), because a missing
+    row would otherwise become a missing share: a wrong top expert, entropy or specialization.
+    """
+    for model, g in counts.groupby("model", sort=False):
+        where = ", ".join(sorted(set(g["_file"])))
+        experts = g.groupby(["domain", "layer"])["expert"].max() + 1
+        if experts.nunique() > 1:
+            (d_lo, l_lo), (d_hi, l_hi) = experts.idxmin(), experts.idxmax()
+            raise UserError(f"{where}: model {model} has {experts.min()} experts in domain {d_lo} layer {l_lo} but "
+                            f"{experts.max()} in domain {d_hi} layer {l_hi} (rows missing?)")
+        layers = set(g["layer"])
+        absent = sorted(set(range(max(layers) + 1)) - layers)
+        if absent:
+            raise UserError(f"{where}: model {model} has no rows for layer(s) {', '.join(map(str, absent))} "
+                            f"(expected layers 0..{max(layers)})")
+        have = set(experts.index)
+        for domain in sorted(set(g["domain"])):
+            lacking = [layer for layer in sorted(layers) if (domain, layer) not in have]
+            if lacking:
+                raise UserError(f"{where}: model {model} has no rows for domain {domain} in layer(s) "
+                                f"{', '.join(map(str, lacking))}")
 
 
 def _validate(df: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """One file's rows: names present, counts non-negative integers, each (model, domain, layer) whole."""
     if df.empty:
         raise UserError(f"{path} has no rows")
-    df["model"] = df["model"].astype(str)
-    df["domain"] = df["domain"].astype(str)
+    for col in ("model", "domain"):
+        empty = df[col].isna() | (df[col].astype(str).str.strip() == "")
+        if empty.any():
+            raise UserError(f"{path}: column {col} is empty in line {int(np.flatnonzero(empty)[0]) + 2}")
+        df[col] = df[col].astype(str)
     for col in ("layer", "expert", "assignments", "distinct_tokens"):
         values = pd.to_numeric(df[col], errors="coerce")
-        if values.isna().any() or (values < 0).any() or (values % 1 != 0).any():
-            raise UserError(f"{path}: column {col} must hold non-negative integers")
+        invalid = values.isna() | (values < 0) | (values % 1 != 0)
+        if invalid.any():
+            row = int(np.flatnonzero(invalid)[0])
+            raise UserError(f"{path}: column {col} must hold non-negative integers, got {df[col].iloc[row]} "
+                            f"in line {row + 2}")
         df[col] = values.astype(np.int64)
     experts = df.groupby(["model", "domain", "layer"])["expert"].agg(["nunique", "max", "count"])
     n_exp = experts["max"] + 1
@@ -93,6 +127,11 @@ def _validate(df: pd.DataFrame, path: Path) -> pd.DataFrame:
     if (totals == 0).any():
         m, d, layer = totals[totals == 0].index[0]
         raise UserError(f"{path}: model {m}, domain {d}, layer {layer} has no assignments")
+    over = df["distinct_tokens"] > df["assignments"]
+    if over.any():
+        row = df[over].iloc[0]
+        raise UserError(f"{path}: model {row.model}, domain {row.domain}, layer {row.layer}, expert {row.expert} "
+                        f"has more distinct tokens ({row.distinct_tokens}) than assignments ({row.assignments})")
     return df
 
 
@@ -111,6 +150,11 @@ def share_matrix(counts: pd.DataFrame, model: str, layer: int) -> pd.DataFrame:
     if sub.empty:
         raise UserError(f"no counts for model {model} layer {layer}")
     mat = sub.pivot(index="domain", columns="expert", values="share")
+    if mat.isna().to_numpy().any():
+        r, c = np.argwhere(mat.isna().to_numpy())[0]
+        domain, expert = mat.index[r], mat.columns[c]
+        raise UserError(f"no counts for model {model}, domain {domain}, layer {layer}, expert {expert}: "
+                        "every (domain, expert) of a layer needs a row")
     return mat.loc[order_domains(mat.index)]
 
 
@@ -263,15 +307,29 @@ def _model_order(models: Iterable[str]) -> list[str]:
 def analyze_routing(counts_paths: Sequence[str | Path], out_dir: str | Path, layers: Sequence[int] | None = None,
                     models: Sequence[str] | None = None, formats: str | Sequence[str] | None = None,
                     unused_threshold: float = DEFAULT_UNUSED_THRESHOLD) -> dict[str, list[Path]]:
-    """Read counts, write ``routing_metrics.csv`` and the Figure-5 image(s) into ``out_dir``."""
-    from .plotstyle import save_figure
+    """Read counts, write ``routing_metrics.csv`` and the Figure-5 image(s) into ``out_dir``.
 
+    Every input (threshold, formats, counts, layers, models) is checked and the figure drawn before
+    the first file is written, so a bad option leaves no metrics behind that look like a finished run.
+    """
+    import matplotlib.pyplot as plt
+
+    from .plotstyle import parse_formats, save_figure
+
+    if not 0 < unused_threshold < 1:
+        raise UserError(f"--unused-threshold must be in (0, 1), got {unused_threshold}")
+    formats = parse_formats(formats)
     counts = read_counts(counts_paths)
     metrics = routing_metrics(counts, unused_threshold)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = _write_csv_atomic(metrics, out_dir / "routing_metrics.csv")
-    figures = save_figure(plot_routing(counts, layers, models), out_dir, "routing_fig5", formats)
+    fig = plot_routing(counts, layers, models)
+    try:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        metrics_path = _write_csv_atomic(metrics, out_dir / "routing_metrics.csv")
+    except BaseException:
+        plt.close(fig)
+        raise
+    figures = save_figure(fig, out_dir, "routing_fig5", formats)
     return {"metrics": [metrics_path], "figures": figures}
 
 
@@ -305,8 +363,6 @@ def configure_analyze_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run_analyze(args: argparse.Namespace) -> int:
-    if not 0 < args.unused_threshold < 1:
-        raise UserError(f"--unused-threshold must be in (0, 1), got {args.unused_threshold}")
     paths = analyze_routing(args.counts, args.out, args.layers, args.models, args.formats, args.unused_threshold)
     print(format_summary(pd.read_csv(paths["metrics"][0])))
     for p in paths["metrics"] + paths["figures"]:
@@ -395,8 +451,14 @@ def _progress(enabled: bool, **kwargs):
 
 
 def chunk_length(cfg, requested: int = DEFAULT_CHUNK) -> int:
-    """Tokens per forward pass: the paper's 2048, or the model's context if that is shorter."""
-    return max(1, min(requested, cfg.max_position_embeddings))
+    """Tokens per forward pass: the paper's 2048, or the model's context if that is shorter.
+
+    A non-positive request is refused: clamping it to 1 would route one token at a time, without
+    context, and count something else than the paper.
+    """
+    if requested < 1:
+        raise UserError(f"--chunk-len must be >= 1, got {requested}")
+    return min(requested, cfg.max_position_embeddings)
 
 
 def count_checkpoint(model, domain_chunks: dict[str, Iterable], model_name: str, batch_size: int = 1,
@@ -588,11 +650,17 @@ def run(args: argparse.Namespace) -> int:
 
     from . import __version__
     from .checkpoint import CheckpointReader, load_model
+    from .parallel import resolve_device
 
     if args.tokens_per_domain < 1:
         raise UserError(f"--tokens-per-domain must be >= 1, got {args.tokens_per_domain}")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.chunk_len < 1:
+        raise UserError(f"--chunk-len must be >= 1, got {args.chunk_len}")
+    if args.vocab_size is not None and args.vocab_size < 1:
+        raise UserError(f"--vocab-size must be >= 1, got {args.vocab_size}")
+    device = resolve_device(args.device)
     if (args.out / "routing_counts.csv").exists() and not args.overwrite:
         raise UserError(f"{args.out / 'routing_counts.csv'} exists (pass --overwrite to replace it)")
     cfg = CheckpointReader(args.checkpoint).config
@@ -601,7 +669,7 @@ def run(args: argparse.Namespace) -> int:
     chunk_len = chunk_length(cfg, args.chunk_len)
     chunks, source_meta = _domain_sources(args, args.checkpoint, cfg.vocab_size, chunk_len)
     name = args.model_name or args.checkpoint.resolve().name
-    model = load_model(args.checkpoint, dtype=getattr(torch, args.dtype), device=args.device).eval()
+    model = load_model(args.checkpoint, dtype=getattr(torch, args.dtype), device=device).eval()
     log.info("counting %s: %d domains x %d tokens in %d-token chunks (%s)", name, len(chunks),
              args.tokens_per_domain, chunk_len, source_meta["source"])
     counts = count_checkpoint(model, chunks, name, batch_size=args.batch_size)

@@ -8,20 +8,17 @@ and 5 and by vLLM).
 Writers stream: :class:`ShardedWriter` takes tensors one at a time and flushes a shard whenever the
 next tensor would overflow it, so peak memory is one shard, not the model; :class:`PlannedWriter`,
 given the tensor list in advance, writes each tensor's bytes to disk as it arrives. Everything is written
-into a temporary directory next to the destination and renamed at the end (:func:`atomic_dir`):
-an interrupted write leaves nothing half-written at the destination.
+into a temporary directory next to the destination and renamed at the end
+(:func:`drop_upcycling.fsio.atomic_dir`): an interrupted write leaves nothing half-written at the destination.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import re
 import shutil
 import struct
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +28,7 @@ from safetensors.torch import save_file
 
 from .configs import ModelConfig, read_hf_config
 from .errors import UserError
+from .fsio import atomic_dir, write_json
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -74,36 +72,6 @@ def from_hf_name(hf_name: str) -> tuple[str, int | None]:
         return hf_name, None
     prefix, expert, matrix = m.groups()
     return f"{prefix}.{matrix}", int(expert)
-
-
-# ---------------------------------------------------------------------------- atomic directories
-@contextlib.contextmanager
-def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp dir beside ``out``; on success it replaces ``out``, on any error it is removed."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(trash)
-            tmp.rename(out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_json(path: Path, data: object) -> None:
-    """Write JSON via a temp file + rename, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
 
 
 # ---------------------------------------------------------------------------- writing

@@ -13,7 +13,7 @@ import importlib
 import logging
 import sys
 
-from .errors import UserError
+from .errors import Terminated, UserError, sigterm_raises
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -64,10 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     try:
-        return int(module.run(args) or 0)
+        with sigterm_raises():  # SIGTERM cleans up like Ctrl-C (temp dirs, locks)
+            return int(module.run(args) or 0)
     except UserError as e:
         print(f"drop-upcycling {name}: error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"drop-upcycling {name}: terminated", file=sys.stderr)
+        return Terminated.exit_code
     except KeyboardInterrupt:
         print(f"drop-upcycling {name}: interrupted", file=sys.stderr)
         return 130

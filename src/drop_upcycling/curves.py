@@ -36,6 +36,7 @@ import pandas as pd
 
 from .configs import load_json
 from .errors import UserError
+from .fsio import write_text
 
 log = logging.getLogger(__name__)
 
@@ -438,21 +439,16 @@ def analyze_curves(run_dirs: Sequence[str | Path], out_dir: str | Path, dense: s
     cross = crossover_table(curves, band)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tables = [_write_text(out_dir / "final_losses_runs.csv", runs_df.to_csv(index=False, float_format="%.6g")),
-              _write_text(out_dir / "final_losses.csv", final.to_csv(index=False, float_format="%.6g")),
-              _write_text(out_dir / "final_losses.md", final_markdown(final) + "\n"),
-              _write_text(out_dir / "crossovers.csv", cross.to_csv(index=False, float_format="%.6g")),
-              _write_text(out_dir / "crossovers.md", crossover_markdown(cross) + "\n")]
+    tables = [write_text(out_dir / "final_losses_runs.csv", runs_df.to_csv(index=False, float_format="%.6g")),
+              write_text(out_dir / "final_losses.csv", final.to_csv(index=False, float_format="%.6g")),
+              write_text(out_dir / "final_losses.md", final_markdown(final) + "\n"),
+              write_text(out_dir / "crossovers.csv", cross.to_csv(index=False, float_format="%.6g")),
+              write_text(out_dir / "crossovers.md", crossover_markdown(cross) + "\n")]
     figures = save_figure(plot_curves(curves, band, window), out_dir, "loss_curves", formats)
     return {"runs": runs_df, "final": final, "crossovers": cross, "curves": curves, "figures": figures,
             "tables": tables}
 
 
-def _write_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
 
 
 def configure_analyze_parser(parser: argparse.ArgumentParser) -> None:

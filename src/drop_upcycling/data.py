@@ -20,10 +20,7 @@ import hashlib
 import itertools
 import json
 import logging
-import os
 import shutil
-import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,7 +30,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import write_json
 from .data_pipeline import (
     CORPUS_BASE_URL,
     CORPUS_COMMIT,
@@ -60,6 +56,7 @@ from .data_pipeline import (
     write_splits,
 )
 from .errors import UserError
+from .fsio import apply_umask, remove_orphans, temp_dir, write_json
 
 __all__ = [
     "CORPUS_BASE_URL", "CORPUS_COMMIT", "CORPUS_SHA256", "CORPUS_URLS", "DOMAINS", "EOS_TOKEN", "PAD_TOKEN",
@@ -152,13 +149,12 @@ def prepare_all(
     cache = Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "data"
     root = cache / f"prepared-{key}"
     if cache.is_dir():
-        _remove_orphans(cache)
+        remove_orphans(cache)
     if (root / PREPARED_FILE).is_file():
         return PreparedData.load(root)
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".prepared-{key}.tmp-", dir=cache))
+    tmp = temp_dir(root)
     try:
-        (tmp / "owner").write_text(f"{socket.gethostname()} {os.getpid()}\n")
         log.info("preparing data in %s (corpus %s)", root, corpus_dir)
         steps = [
             ("splits", lambda: prepare_corpus(corpus_dir, tmp / "splits", seed=seed, val_fraction=val_fraction,
@@ -175,6 +171,7 @@ def prepare_all(
         write_json(tmp / PREPARED_FILE, {"key": key, "corpus_sha256": CORPUS_SHA256, "options": options,
                                          "domains": list(DOMAINS), "tokens": tokens, "seconds": seconds})
         log.info("prepared data: %s tokens per split and domain, step seconds %s", tokens, seconds)
+        apply_umask(tmp)
         try:
             tmp.rename(root)
         except OSError:
@@ -194,21 +191,6 @@ def _tokens_in(folder: Path) -> int:
         if index.stat().st_size:
             total += int(np.fromfile(index, dtype="<u8", offset=index.stat().st_size - 8)[0])
     return total
-
-
-def _remove_orphans(cache: Path) -> None:
-    """Delete temp builds whose process (on this host) is gone: a killed run leaves no other trace."""
-    host = socket.gethostname()
-    for tmp in cache.glob(".prepared-*.tmp-*"):
-        try:
-            owner_host, pid = (tmp / "owner").read_text().split()
-            if owner_host != host:
-                continue
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(tmp, ignore_errors=True)
-        except (OSError, ValueError):
-            continue  # no owner file yet (just created), or not ours to judge
 
 
 # ---------------------------------------------------------------------------- one shard

@@ -42,6 +42,7 @@ import yaml
 
 from .checkpoint import TOKENIZER_FILES, CheckpointReader, atomic_dir, write_json
 from .errors import UserError
+from .fsio import write_text
 
 log = logging.getLogger(__name__)
 
@@ -554,9 +555,7 @@ def write_csv(path: Path, rows: Sequence[dict]) -> None:
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(buf.getvalue())
-    tmp.replace(path)
+    write_text(path, buf.getvalue())
 
 
 def _results_json(results: dict) -> str:

@@ -314,13 +314,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _write_outputs(out_dir: Path, stem: str, rows: list[dict], extra: dict | None) -> None:
     """``stem.json`` (rows, plus ``extra`` keys) and ``stem.csv``, each via temp file + rename."""
-    from .checkpoint import write_json
+    from .fsio import write_json, write_text
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / f"{stem}.json", {"rows": rows, **(extra or {})})
-    tmp = out_dir / f".{stem}.csv.tmp"
-    tmp.write_text(to_csv(rows))
-    tmp.replace(out_dir / f"{stem}.csv")
+    write_text(out_dir / f"{stem}.csv", to_csv(rows))
     print(f"wrote {out_dir / stem}.json and .csv")
 
 

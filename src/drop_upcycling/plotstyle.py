@@ -21,6 +21,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 
 from .errors import UserError
+from .fsio import atomic_file
 
 # Okabe-Ito: distinguishable under the common colour-vision deficiencies. Yellow (#F0E442) is
 # left out: it is unreadable on white.
@@ -167,9 +168,8 @@ def save_figure(fig: plt.Figure, out_dir: str | Path, stem: str,
     try:
         for fmt in parse_formats(formats):
             path = out_dir / f"{stem}.{fmt}"
-            tmp = out_dir / f".{stem}.{fmt}.tmp"
-            fig.savefig(tmp, format=fmt)
-            tmp.replace(path)
+            with atomic_file(path) as tmp:
+                fig.savefig(tmp, format=fmt)
             paths.append(path)
     finally:
         plt.close(fig)

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import UserError
+from .fsio import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -334,9 +335,8 @@ def analyze_routing(counts_paths: Sequence[str | Path], out_dir: str | Path, lay
 
 
 def _write_csv_atomic(df: pd.DataFrame, path: Path, float_format: str | None = "%.6g") -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_csv(tmp, index=False, float_format=float_format)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        df.to_csv(tmp, index=False, float_format=float_format)
     return path
 
 

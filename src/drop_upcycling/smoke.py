@@ -393,7 +393,15 @@ class Smoke:
         env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc))}
         out = Path(config["out"])
         # Only an interrupted run (same hash, see Pipeline._prepare) is resumed: a fresh one writes run.json.
-        resume = ["--resume"] if (out / "metrics.jsonl").is_file() else []
+        # One killed before its first checkpoint has nothing to resume from: it starts over (--restart).
+        resume = []
+        if (out / "metrics.jsonl").is_file():
+            from .train import resume_point
+
+            try:
+                resume = ["--resume"] if resume_point(out) else []
+            except UserError:
+                resume = ["--restart"]
         if nproc == 1:
             _sh([*_cli(), "train", path, *resume], env=env, log_file=out / "train.log")
         else:

@@ -16,6 +16,12 @@ Checkpoints (``OUT/checkpoints/step-XXXXXXXX``, a ``latest`` pointer, keep-last-
 index; transformers loads it) plus ``trainer/``: AdamW moments per HF tensor name (so any EP size
 reloads them), each rank's data position and RNG state, and the step. Everything is safetensors or
 JSON, written into a temp dir and renamed.
+
+The run folder holds one run: rank 0 claims it (:func:`drop_upcycling.fsio.claim`) for the whole
+run, a folder with history is only continued (``--resume``, from the newest complete checkpoint,
+with the same config unless ``--allow-config-change``) or explicitly discarded (``--restart``),
+never silently started over. ``drop-upcycling train --nproc N`` runs torchrun itself and ends with
+the failing rank's one-line error.
 """
 
 from __future__ import annotations
@@ -28,7 +34,10 @@ import logging
 import math
 import os
 import platform
+import re
 import shutil
+import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -43,16 +52,15 @@ from safetensors.torch import save_file
 from .checkpoint import (
     INDEX_FILE,
     CheckpointReader,
-    atomic_dir,
     copy_tokenizer_files,
     hf_expert_name,
     load_state_into,
     to_hf,
     write_config,
-    write_json,
 )
 from .configs import ModelConfig, TrainConfig
 from .errors import UserError
+from .fsio import atomic_dir, claim, make_parent, remove_orphans, write_json, write_text, writing
 from .model import CausalLM
 from .moe import AllToAllDispatcher
 from .parallel import (
@@ -242,19 +250,16 @@ def _write_index(tmp: Path, model: CausalLM, run: TrainConfig, env: ParallelEnv,
 
 
 def _set_latest(out: Path, final: Path) -> None:
-    pointer = out / CHECKPOINTS / LATEST
-    tmp = pointer.with_name(f".{LATEST}.tmp")
-    tmp.write_text(final.name + "\n")
-    tmp.replace(pointer)
+    write_text(out / CHECKPOINTS / LATEST, final.name + "\n")
 
 
 def _prune(out: Path, keep_last: int) -> None:
-    """Keep the newest ``keep_last`` checkpoints; remove temp dirs that a killed save left behind
-    (only rank 0 creates them, and it is not saving now)."""
+    """Keep the newest ``keep_last`` checkpoints; remove what a killed save left behind (only rank 0
+    saves, it holds the run folder, and it is not saving now: every temp there is an orphan)."""
     steps = sorted(p for p in (out / CHECKPOINTS).glob("step-*") if p.is_dir())
-    stale = [p for p in (out / CHECKPOINTS).glob(".step-*") if p.is_dir()]
-    for old in steps[:-keep_last] + stale:
+    for old in steps[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+    remove_orphans(out / CHECKPOINTS, everything=True)
 
 
 def _rng_state() -> dict[str, str]:
@@ -324,7 +329,7 @@ class StepStats:
 class Trainer:
     """Holds the run's pieces; :meth:`train` runs steps until ``run.total_steps``."""
 
-    def __init__(self, run: TrainConfig, env: ParallelEnv, resume: bool = False) -> None:
+    def __init__(self, run: TrainConfig, env: ParallelEnv, resume_from: Path | None = None) -> None:
         self.run, self.env = run, env
         self.cfg = run.model_config()
         self.out = Path(run.out)
@@ -340,16 +345,10 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, run)
         self.step, self.tokens = 0, 0
         self.autocast = _autocast(run, env)
-        if resume:
-            self._resume()
+        if resume_from is not None:
+            self._resume(resume_from)
 
-    def _resume(self) -> None:
-        path = latest_checkpoint(self.out)
-        if path is None:
-            if self.env.is_main:
-                log.info("no checkpoint under %s: starting from step 0", self.out / CHECKPOINTS)
-                _truncate_metrics(self.out / "metrics.jsonl", 0)
-            return
+    def _resume(self, path: Path) -> None:
         state = load_checkpoint(path, self.model, self.optimizer, self.reader, self.env)
         self.step, self.tokens = state["step"], state["tokens"]
         if self.env.is_main:
@@ -394,28 +393,30 @@ class Trainer:
         metrics = self.out / "metrics.jsonl"
         writer = _tensorboard(self.out, run) if env.is_main else None
         bar = _progress(total, self.step, env.is_main)
-        with open(metrics, "a") if env.is_main else contextlib.nullcontext() as f:
-            while self.step < total:
-                t0 = time.perf_counter()
-                stats = self.train_step()
-                self.step += 1
-                self.tokens += run.global_batch_tokens
-                row = {"step": self.step, "tokens": self.tokens, "lr": lr_at(self.step - 1, run), "loss": stats.loss,
-                       "lm_loss": stats.lm_loss, "aux_loss": stats.aux_loss, "grad_norm": stats.grad_norm,
-                       "tokens_per_s": run.global_batch_tokens / (time.perf_counter() - t0),
-                       "expert_load": stats.expert_load}
-                if env.is_main:
-                    f.write(json.dumps(row) + "\n")
-                    f.flush()
-                    _log_scalars(writer, row)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-                if (run.save_every and self.step % run.save_every == 0) or self.step == total:
-                    save_checkpoint(self.out, self.step, self.tokens, self.model, self.optimizer, self.reader, run,
-                                    env, self.tokenizer_dir)
-        bar.close()
-        if writer is not None:
-            writer.close()
+        try:  # the bar ends its line before an error message is printed
+            with open(metrics, "a") if env.is_main else contextlib.nullcontext() as f:
+                while self.step < total:
+                    t0 = time.perf_counter()
+                    stats = self.train_step()
+                    self.step += 1
+                    self.tokens += run.global_batch_tokens
+                    row = {"step": self.step, "tokens": self.tokens, "lr": lr_at(self.step - 1, run), "loss": stats.loss,
+                           "lm_loss": stats.lm_loss, "aux_loss": stats.aux_loss, "grad_norm": stats.grad_norm,
+                           "tokens_per_s": run.global_batch_tokens / (time.perf_counter() - t0),
+                           "expert_load": stats.expert_load}
+                    if env.is_main:
+                        f.write(json.dumps(row) + "\n")
+                        f.flush()
+                        _log_scalars(writer, row)
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                    if (run.save_every and self.step % run.save_every == 0) or self.step == total:
+                        save_checkpoint(self.out, self.step, self.tokens, self.model, self.optimizer, self.reader, run,
+                                        env, self.tokenizer_dir)
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
         return checkpoint_dir(self.out, total)
 
 
@@ -440,9 +441,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
+    write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -480,12 +479,144 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def write_run_json(out: Path, run: TrainConfig, cfg: ModelConfig, env: ParallelEnv, resume: bool) -> None:
-    record = {"seed": run.seed, "run": run.as_dict(), "model": cfg.to_hf_dict(), "world_size": env.world_size,
-              "dp": env.dp_size, "ep": env.ep_size, "device": str(env.device), "resume": resume,
-              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": _versions()}
-    name = "run.json" if not resume else f"run-resume-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    write_json(out / name, record)
+def write_run_json(out: Path, run: TrainConfig, cfg: ModelConfig, env: ParallelEnv, resumed: dict | None) -> None:
+    """``run.json``: the run as started; each resume appends its step, layout and accepted config changes."""
+    now = {"world_size": env.world_size, "dp": env.dp_size, "ep": env.ep_size, "device": str(env.device),
+           "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": _versions()}
+    path = out / "run.json"
+    if resumed is not None and path.is_file():
+        record = json.loads(path.read_text())
+        record.setdefault("resumes", []).append({**resumed, **now})
+    else:
+        record = {"seed": run.seed, "run": run.as_dict(), "model": cfg.to_hf_dict(), **now,
+                  "resume": resumed is not None, "resumes": [{**resumed, **now}] if resumed is not None else []}
+    write_json(path, record)
+
+
+# ============================================================================ the run folder
+HISTORY = ("metrics.jsonl", "run.json", CHECKPOINTS, "tensorboard")
+# Run fields that do not change what the run computes: where it is written, how often it saves, the
+# expert-parallel layout (same function to fp32 rounding), the plan-only sizes; init is only read at step 0.
+_FREE_FIELDS = {"out", "save_every", "keep_last", "ep", "nodes", "gpus_per_node", "tensorboard", "init"}
+_FREE_DATA_FIELDS = {"corpus", "cache_dir"}  # locations: the corpus itself is checked by sha256
+
+
+def _logged_steps(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.is_file() else 0
+
+
+def _has_history(out: Path) -> bool:
+    return any((out / name).exists() for name in HISTORY)
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be resumed from, or None when it is a complete training checkpoint."""
+    if not path.is_dir():
+        return "does not exist"
+    try:
+        state = json.loads((path / "trainer" / "state.json").read_text())
+        weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+        step, world, ep = int(state["step"]), int(state["world_size"]), int(state["ep"])
+    except FileNotFoundError as e:
+        return f"is incomplete (no {Path(e.filename).relative_to(path)})"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"is unreadable ({e})"
+    if f"step-{step:08d}" != path.name:
+        return f"holds step {step}, not the step its name says"
+    needed = [*sorted(set(weight_map.values())), "config.json",
+              *(f"trainer/rank-{r:05d}.json" for r in range(world)),
+              *(f"trainer/optimizer-{e:05d}.safetensors" for e in range(ep))]
+    missing = [name for name in needed if not (path / name).is_file()]
+    return f"is incomplete (no {missing[0]})" if missing else None
+
+
+def resume_point(out: Path) -> Path | None:
+    """The checkpoint ``--resume`` continues from: the one ``latest`` names when it is complete, else
+    the newest complete one. None when the folder has no history (nothing to lose by starting at 0);
+    a UserError when it has history but no complete checkpoint."""
+    ckpts = out / CHECKPOINTS
+    pointer = ckpts / LATEST
+    named = pointer.read_text().strip() if pointer.is_file() else None
+    problem = checkpoint_problem(ckpts / named) if named else None
+    if named and problem is None:
+        return ckpts / named
+    complete = [p for p in sorted(ckpts.glob("step-*"), reverse=True) if checkpoint_problem(p) is None]
+    if complete:
+        if named:
+            log.warning("%s names %s, which %s: resuming from %s, the newest complete checkpoint", pointer, named,
+                        problem, complete[0].name)
+        return complete[0]
+    if not _has_history(out):
+        return None
+    if named:
+        why = f"{pointer} names {named}, which {problem}"
+    elif ckpts.is_dir():
+        why = f"{ckpts} holds no complete checkpoint"
+    else:
+        why = f"{ckpts} does not exist"
+    raise UserError(f"cannot resume {out}: {why} ({_logged_steps(out)} steps logged); pass --restart to discard "
+                    "its metrics and checkpoints and train from step 0")
+
+
+def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Fields of the run config that differ from the checkpoint's and change what the run computes."""
+    changes = {}
+    for key in sorted(set(saved) | set(now)):
+        if key in _FREE_FIELDS:
+            continue
+        old, new = saved.get(key), now.get(key)
+        if key == "data":
+            old, new = ({k: v for k, v in (d or {}).items() if k not in _FREE_DATA_FIELDS} for d in (old, new))
+        if json.dumps(old, sort_keys=True) != json.dumps(new, sort_keys=True):
+            changes[key] = {"from": old, "to": new}
+    return changes
+
+
+def prepare_run_dir(out: Path, run: TrainConfig, world: int, resume: bool, restart: bool,
+                    allow_change: bool) -> tuple[Path | None, dict | None]:
+    """Rank 0, holding the run folder: (checkpoint to resume from, the resume record for run.json).
+
+    A folder with history is continued only with ``--resume`` and discarded only with ``--restart``;
+    a resume with another config is refused unless ``allow_change``.
+    """
+    if restart:
+        gone = [name for name in HISTORY if (out / name).exists()]
+        for name in gone:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if gone:
+            log.info("--restart: removed %s from %s", ", ".join(gone), out)
+        return None, None
+    if not resume:
+        if _has_history(out):
+            raise UserError(f"{out} already holds a run ({_logged_steps(out)} steps logged): pass --resume to continue "
+                            "it, --restart to discard it, or another --out")
+        return None, None
+    path = resume_point(out)
+    if path is None:
+        log.info("nothing to resume in %s: starting from step 0", out)
+        return None, None
+    state = json.loads((path / "trainer" / "state.json").read_text())
+    if state["world_size"] != world:
+        raise UserError(f"{path} was written by {state['world_size']} data ranks; resuming with {world} "
+                        "cannot restore the data position (use it as init: instead)")
+    changes = config_changes(state.get("run", {}), run.as_dict())
+    if changes and not allow_change:
+        listed = ", ".join(f"{k} {v['from']!r} -> {v['to']!r}" for k, v in changes.items())
+        raise UserError(f"the config differs from the one {path} was trained with ({listed}); pass "
+                        "--allow-config-change to continue with it (recorded in run.json)")
+    return path, {"step": state["step"], "from": path.name, "changes": changes}
+
+
+def _claim_run_dir(out: Path, stack: contextlib.ExitStack) -> None:
+    """Create the run folder and hold it until the run ends (one writer per run folder)."""
+    make_parent(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"cannot write {out}: it is a file, not a run folder")
+    with writing(out):
+        out.mkdir(exist_ok=True)
+        stack.enter_context(claim(out, "train"))
 
 
 # ============================================================================ the dry-run plan
@@ -552,7 +683,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="output directory (metrics.jsonl, checkpoints/)")
     parser.add_argument("--save-every", type=int, dest="save_every", help="checkpoint every N steps")
     parser.add_argument("--init", help="HF checkpoint to start from")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
+    history = parser.add_mutually_exclusive_group()
+    history.add_argument("--resume", action="store_true",
+                         help="continue OUT's run from its newest complete checkpoint (refused if it has none)")
+    history.add_argument("--restart", action="store_true",
+                         help="discard OUT's metrics, checkpoints and run.json and train from step 0")
+    parser.add_argument("--allow-config-change", action="store_true", dest="allow_config_change",
+                        help="--resume with a config that differs from the checkpoint's (recorded in run.json)")
+    parser.add_argument("--nproc", type=int, help="start N processes with torchrun (one line for a failing rank)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan (layout, memory, FLOPs) and exit")
     parser.add_argument("--nodes", type=int, help="nodes (plan only; torchrun decides the real world size)")
     parser.add_argument("--gpus-per-node", type=int, dest="gpus_per_node", help="GPUs per node (plan only)")
@@ -569,39 +707,92 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(format_plan(plan(train_run)))
         return 0
-    cfg = train_run.model_config()
+    if args.nproc is not None:
+        return launch(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        return _train(train_run, args, world)
+    except UserError as e:
+        if world > 1:  # torchrun interleaves the ranks' output: say which one failed
+            raise UserError(f"rank {os.environ.get('RANK', '?')}: {e}") from None
+        raise
+
+
+def _train(train_run: TrainConfig, args: argparse.Namespace, world: int) -> int:
+    cfg = train_run.model_config()
     validate_layout(world, train_run.ep, cfg.num_experts)
     _accumulation_steps(train_run, world)
     out = Path(train_run.out)
-    if (out / "metrics.jsonl").exists() and not args.resume:
-        raise UserError(f"{out} already holds a run (pass --resume to continue it, or another --out)")
-    env = init_parallel(ep=train_run.ep, num_experts=cfg.num_experts)
-    try:
-        if env.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-        env.barrier()
-        trainer = Trainer(train_run, env, resume=args.resume)
-        if env.is_main:
-            write_run_json(out, train_run, cfg, env, args.resume)
-        final = trainer.train()
+    with contextlib.ExitStack() as stack:
+        resume_from, resumed = None, None
+        if int(os.environ.get("RANK", "0")) == 0:  # before the process group: a refusal costs nothing
+            _claim_run_dir(out, stack)
+            resume_from, resumed = prepare_run_dir(out, train_run, world, args.resume, args.restart,
+                                                   args.allow_config_change)
+        env = init_parallel(ep=train_run.ep, num_experts=cfg.num_experts)
+        stack.callback(env.destroy)
+        chosen = _broadcast_str(str(resume_from) if resume_from else "", env)
+        trainer = Trainer(train_run, env, resume_from=Path(chosen) if chosen else None)
+        with writing(out, roots=[out]):
+            if env.is_main:
+                write_run_json(out, train_run, cfg, env, resumed)
+            final = trainer.train()
         if env.is_main:
             print(f"trained {trainer.step} steps; final checkpoint {final}")
-    finally:
-        env.destroy()
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m drop_upcycling.train", description=__doc__.splitlines()[0])
-    configure_parser(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+# ============================================================================ the launcher
+_RANK_ERROR = re.compile(r"drop-upcycling train: error: (.*)")
+
+
+def launch(args: argparse.Namespace) -> int:
+    """``train --nproc N``: torchrun as a child process. Its output passes through until a rank reports
+    a one-line error; torchrun's traceback about that rank is then dropped and the line ends the run."""
+    if "LOCAL_RANK" in os.environ:
+        raise UserError("--nproc starts torchrun itself: run it without torchrun")
+    if args.nproc < 1:
+        raise UserError(f"--nproc must be >= 1, got {args.nproc}")
+    forward = [args.config]
+    for flag, key in (("--ep", "ep"), ("--steps", "steps"), ("--out", "out"), ("--save-every", "save_every"),
+                      ("--init", "init")):
+        if getattr(args, key) is not None:
+            forward += [flag, str(getattr(args, key))]
+    forward += [f for f, key in (("--resume", "resume"), ("--restart", "restart"),
+                                 ("--allow-config-change", "allow_config_change")) if getattr(args, key)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+           "-m", "drop_upcycling.train", *forward]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+    failure, pending = None, b""
     try:
-        return run(args)
-    except UserError as e:
-        print(f"drop-upcycling train: error: {e}", file=sys.stderr)
-        return 2
+        for chunk in iter(lambda: os.read(proc.stderr.fileno(), 1 << 16), b""):
+            *parts, pending = re.split(rb"(?<=[\r\n])", pending + chunk)  # \r: keep progress bars live
+            for part in parts:
+                text = part.decode(errors="replace")
+                m = _RANK_ERROR.search(text)
+                if m and failure is None:
+                    failure = m.group(1).strip()
+                elif failure is None:
+                    sys.stderr.write(text)
+                    sys.stderr.flush()
+        proc.wait()
+    except BaseException:  # Ctrl-C or SIGTERM: stop torchrun, which stops the ranks
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait()
+        raise
+    if failure is None:
+        sys.stderr.write(pending.decode(errors="replace"))
+    if proc.returncode and failure is not None:
+        raise UserError(failure)
+    return proc.returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m drop_upcycling.train`` (what torchrun runs): the ``drop-upcycling train`` command."""
+    from .cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -35,16 +35,15 @@ from .checkpoint import (
     DTYPES,
     CheckpointReader,
     PlannedWriter,
-    atomic_dir,
     copy_tokenizer_files,
     hf_dense_ffn_name,
     hf_expert_name,
     to_hf,
     write_config,
-    write_json,
 )
 from .configs import ModelConfig
 from .errors import UserError
+from .fsio import atomic_dir, refusal, write_json
 from .model import CausalLM, init_tensor, keyed_generator
 
 log = logging.getLogger(__name__)
@@ -88,8 +87,8 @@ class UpcycleOptions:
             raise UserError(f"top-k must be between 1 and the number of experts ({self.num_experts}), got {self.top_k}")
         if self.method == "btx" and self.num_experts % BTX_SOURCES:
             raise UserError(f"btx needs a number of experts divisible by {BTX_SOURCES}, got {self.num_experts}")
-        if self.noise_std < 0:
-            raise UserError(f"noise std must be >= 0, got {self.noise_std}")
+        if not (math.isfinite(self.noise_std) and self.noise_std >= 0):
+            raise UserError(f"noise std must be a finite number >= 0, got {self.noise_std}")
 
 
 def _choice(what: str, value: str, choices: tuple[str, ...]) -> None:
@@ -174,6 +173,9 @@ def drop_expert(ffn: FFN, key: ExpertKey, opts: UpcycleOptions) -> FFN:
             continue
         reference = dense.index_select(axis, idx) if opts.stats == "dropped" else dense
         mean, std = _mean_std(reference)
+        if not (math.isfinite(mean) and math.isfinite(std)):  # torch.normal would fail with a traceback
+            raise UserError(f"{hf_dense_ffn_name(key.layer, DENSE_PROJ[m])} of the dense model holds NaN or "
+                            f"infinite values (mean {mean}, std {std}): no statistics to draw neurons from")
         fresh = torch.empty(_slice_shape(dense, axis, idx.numel())).normal_(mean, std, generator=key.generator("drop", m))
         out[m] = _assign(dense, axis, idx, fresh.to(dense.dtype))
     return FFN(**out)
@@ -321,8 +323,9 @@ def upcycle(
     out = Path(out)
     if any(out.resolve() == p.resolve() for p in paths):
         raise UserError(f"output {out} is the same directory as a source")
-    if out.exists() and not overwrite and not dry_run:
-        raise UserError(f"{out} already exists (pass --overwrite to replace it)")
+    problem = None if dry_run else refusal(out, overwrite)  # early; atomic_dir checks again under the lock
+    if problem:
+        raise UserError(problem)
     srcs = Sources(paths)
     moe_cfg = srcs.config.as_moe(opts.num_experts, opts.top_k)
     dtype = srcs.dtype() if opts.dtype == "auto" else DTYPES[opts.dtype]
@@ -335,7 +338,7 @@ def upcycle(
     )
     if dry_run:
         return summary
-    with atomic_dir(out, overwrite=overwrite) as tmp, _one_thread():
+    with atomic_dir(out, overwrite=overwrite, what="upcycle") as tmp, _one_thread():
         writer = PlannedWriter(tmp, tensor_plan(moe_cfg), dtype, max_shard_bytes)
         for name, tensor in _moe_tensors(srcs, moe_cfg, opts, dtype, progress):
             writer.add(name, tensor)
@@ -473,6 +476,8 @@ def run(args: argparse.Namespace) -> int:
     if len(args.paths) > 2:
         raise UserError(f"expected SRC OUT, got {len(args.paths)} paths")
     src, out = (None, args.paths[0]) if len(args.paths) == 1 else args.paths
+    if not (math.isfinite(args.max_shard_size) and args.max_shard_size > 0):
+        raise UserError(f"--max-shard-size must be a positive number of GB, got {args.max_shard_size}")
     if args.ratio is not None and args.method not in ("drop", "noise"):
         raise UserError(f"--ratio applies to drop and noise, not {args.method}")
     default_ratio = 0.5 if args.method in ("drop", "noise") else 0.0
@@ -485,7 +490,8 @@ def run(args: argparse.Namespace) -> int:
                       max_shard_bytes=int(args.max_shard_size * 1e9))
     print("\n".join(summary.lines()))
     if args.dry_run:
-        print("dry run: nothing written")
+        problem = refusal(out, args.overwrite)
+        print("dry run: nothing written" + (f"; the real run would refuse: {problem}" if problem else ""))
         print(json.dumps({"total_params": summary.total_params, "active_params": summary.active_params,
-                          "output_bytes": summary.output_bytes}))
+                          "output_bytes": summary.output_bytes, "would_refuse": problem}))
     return 0

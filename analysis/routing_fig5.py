@@ -13,7 +13,7 @@ from pathlib import Path
 
 from drop_upcycling.routing import analyze_routing, format_summary, read_counts, routing_metrics
 
-RELEASED = Path(__file__).resolve().parents[2] / "shared/paper/fig5_routing_counts.csv"
+RELEASED = Path(__file__).resolve().parents[1] / "reports/reference/fig5_routing_counts.csv"
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

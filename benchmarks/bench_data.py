@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +28,7 @@ _counter = itertools.count()
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> data.PreparedData:
-    shared = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "drop_upcycling_routing_texts"
-    corpus = None if os.environ.get("DROP_UPCYCLING_CORPUS") else shared
-    return data.prepare_all(corpus, tmp_path_factory.mktemp("cache"), vocab_size=8192,
+    return data.prepare_all(None, tmp_path_factory.mktemp("cache"), vocab_size=8192,
                             max_docs_per_domain=MAX_DOCS)
 
 

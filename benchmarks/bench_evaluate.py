@@ -12,7 +12,6 @@ adds. A ratio near or below 1 means the harness is not the bottleneck. The one-t
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -29,10 +28,8 @@ CFG = MODEL_CONFIGS["tiny-dense"].replace(vocab_size=512, max_position_embedding
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory):
-    shared = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "drop_upcycling_routing_texts"
-    corpus = None if os.environ.get("DROP_UPCYCLING_CORPUS") else shared
     root = tmp_path_factory.mktemp("eval")
-    prepared = data.prepare_all(corpus, root / "cache", vocab_size=512, max_docs_per_domain=500)
+    prepared = data.prepare_all(None, root / "cache", vocab_size=512, max_docs_per_domain=500)
     suite = build_local_suite(prepared.splits_dir / "test", root / "suite", size="ci")
     model = CausalLM(CFG).eval()
     model.init_weights(seed=0)

@@ -1,26 +1,62 @@
-"""Shared fixtures: tiny checkpoints made on the fly and the shared corpus."""
+"""Shared fixtures: tiny checkpoints made on the fly, a synthetic four-domain corpus, and the real one.
+
+Tests need nothing outside the repository: multi-domain text comes from :mod:`synthetic_corpus`, the
+authors' released routing counts from ``reports/reference/``. The real corpus (the authors' routing
+texts) is read only by tests about it, marked ``real_corpus``; they find it the product's way
+(``$DROP_UPCYCLING_CORPUS``, then the user cache; tests never download). CI has it and fails if it
+is missing; elsewhere those tests are skipped, saying how to provide it.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from synthetic_corpus import write_synthetic_corpus
 
+from drop_upcycling import data_pipeline
 from drop_upcycling.checkpoint import save_model
 from drop_upcycling.configs import MODEL_CONFIGS
 from drop_upcycling.model import CausalLM
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+RELEASED_COUNTS = REPO / "reports" / "reference" / "fig5_routing_counts.csv"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "real_corpus: reads the authors' routing texts (CI has them; "
+                                       "deselect with -m 'not real_corpus')")
 
 
 @pytest.fixture(scope="session")
-def corpus_dir() -> Path:
-    """The shared four-domain corpus; missing in CI is a failure, never a skip."""
-    path = Path(os.environ.get("DROP_UPCYCLING_CORPUS", SHARED / "corpus" / "drop_upcycling_routing_texts"))
-    assert path.is_dir(), f"corpus not found at {path} (set DROP_UPCYCLING_CORPUS)"
+def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic four-domain corpus (same layout as the real one; use it with ``pinned=False``)."""
+    return write_synthetic_corpus(tmp_path_factory.mktemp("synthetic") / "corpus")
+
+
+@pytest.fixture
+def pinned_corpus(corpus_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The synthetic corpus with the pins set to its own sha256: the verify/download paths on local files."""
+    for domain, path in data_pipeline.verify_corpus(corpus_dir, pinned=False).items():
+        monkeypatch.setitem(data_pipeline.CORPUS_SHA256, domain, data_pipeline.sha256_file(path))
+    yield corpus_dir
+
+
+@pytest.fixture(scope="session")
+def real_corpus() -> Path:
+    """The authors' routing texts, found as the product finds them (no download); pinned-verified."""
+    explicit = os.environ.get(data_pipeline.ENV_CORPUS)
+    path = Path(explicit) if explicit else data_pipeline.cache_root() / "corpus"
+    if not path.is_dir():
+        message = (f"real corpus not found at {path}: set ${data_pipeline.ENV_CORPUS} or run "
+                   "`drop-upcycling data corpus --out /tmp/splits` once with network")
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    data_pipeline.verify_corpus(path)
     return path
 
 

@@ -1,4 +1,5 @@
-"""The data pipeline on slices of the shared corpus: splits, tokenizer, datatrove shards, reader, errors."""
+"""The data pipeline on the synthetic corpus (and the real one where it is the subject): splits, tokenizer,
+datatrove shards, reader, errors."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from drop_upcycling.data import (
     prepare_all,
     read_shard,
 )
-from drop_upcycling.data_pipeline import DOC_UNITS, corpus_file, read_documents
+from drop_upcycling.data_pipeline import DOC_UNITS, corpus_file, read_documents, sha256_file
 from drop_upcycling.errors import UserError
 
 MAX_DOCS = 150
@@ -38,7 +39,7 @@ VOCAB = 1024
 def prepared(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> PreparedData:
     """The full pipeline on the first documents of each domain (what training and eval would call)."""
     return prepare_all(corpus_dir, tmp_path_factory.mktemp("cache"), vocab_size=VOCAB, seed=0,
-                       val_fraction=0.1, test_fraction=0.1, max_docs_per_domain=MAX_DOCS)
+                       val_fraction=0.1, test_fraction=0.1, max_docs_per_domain=MAX_DOCS, pinned=False)
 
 
 @pytest.fixture(scope="session")
@@ -60,7 +61,8 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------- corpus
-def test_resolution_order(corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resolution_order(pinned_corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    corpus_dir = pinned_corpus
     monkeypatch.setenv("DROP_UPCYCLING_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("DROP_UPCYCLING_CORPUS", str(tmp_path / "nowhere"))
     assert data.resolve_corpus(corpus_dir) == corpus_dir  # the argument wins over the environment
@@ -78,7 +80,9 @@ def test_resolution_order(corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.
     assert data.resolve_corpus() == got
 
 
-def test_download_failures_leave_nothing(corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_download_failures_leave_nothing(pinned_corpus: Path, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    corpus_dir = pinned_corpus
     monkeypatch.setenv("DROP_UPCYCLING_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("DROP_UPCYCLING_CORPUS", raising=False)
     monkeypatch.setenv("DROP_UPCYCLING_CORPUS_URL", (tmp_path / "offline").as_uri())
@@ -95,8 +99,8 @@ def test_download_failures_leave_nothing(corpus_dir: Path, tmp_path: Path, monke
 
 
 @pytest.mark.parametrize("damage", ["missing_dir", "missing_file", "empty", "changed"])
-def test_bad_corpus(corpus_dir: Path, tmp_path: Path, damage: str) -> None:
-    bad = tmp_path / "corpus"
+def test_bad_corpus(pinned_corpus: Path, tmp_path: Path, damage: str) -> None:
+    corpus_dir, bad = pinned_corpus, tmp_path / "corpus"
     if damage != "missing_dir":
         _linked_corpus(corpus_dir, bad)
         target = bad / "code_stack.txt"
@@ -113,8 +117,9 @@ def test_bad_corpus(corpus_dir: Path, tmp_path: Path, damage: str) -> None:
     assert main(["data", "corpus", "--corpus", str(bad), "--out", str(tmp_path / "out")]) == 2
 
 
-def test_corpus_hashes_are_the_readme_ones(corpus_dir: Path) -> None:
-    assert data.verify_corpus(corpus_dir) == {d: corpus_dir / f"{d}.txt" for d in DOMAINS}
+@pytest.mark.real_corpus
+def test_corpus_hashes_are_the_readme_ones(real_corpus: Path) -> None:
+    assert data.verify_corpus(real_corpus) == {d: corpus_file(real_corpus, d) for d in DOMAINS}
     assert CORPUS_SHA256["c4"] == "ee2fb5542e72c3b6979b362f41182d2dd043549912b32fe1438685bc16c563e3"
     assert data.CORPUS_URLS["ja_mc4"].endswith(f"/{data.CORPUS_COMMIT}/analysis/routing_output/text/ja_mc4_texts.txt")
 
@@ -138,18 +143,18 @@ def test_splits_are_disjoint_complete_and_deterministic(corpus_dir: Path, prepar
         source |= set(docs)
     assert set(texts) == source
     again = data.prepare_corpus(corpus_dir, tmp_path / "again", seed=0, val_fraction=0.1, test_fraction=0.1,
-                                max_docs_per_domain=MAX_DOCS)
+                                max_docs_per_domain=MAX_DOCS, pinned=False)
     for split in SPLITS:
         for d in DOMAINS:
             assert (again / split / f"{d}.jsonl").read_bytes() == (prepared.splits_dir / split / f"{d}.jsonl").read_bytes()
     other = data.prepare_corpus(corpus_dir, tmp_path / "other", seed=1, val_fraction=0.1, test_fraction=0.1,
-                                max_docs_per_domain=MAX_DOCS)
+                                max_docs_per_domain=MAX_DOCS, pinned=False)
     assert (other / "train" / "c4.jsonl").read_bytes() != (again / "train" / "c4.jsonl").read_bytes()
 
 
 def test_zero_documents_in_a_split_is_an_error(corpus_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="zero documents"):
-        data.prepare_corpus(corpus_dir, tmp_path / "out", max_docs_per_domain=2)
+        data.prepare_corpus(corpus_dir, tmp_path / "out", max_docs_per_domain=2, pinned=False)
     assert not (tmp_path / "out").exists()
     assert [p for p in tmp_path.iterdir()] == []
 
@@ -365,7 +370,7 @@ def test_domain_iterators(prepared: PreparedData) -> None:
 def test_prepare_all_is_cached_and_atomic(corpus_dir: Path, prepared: PreparedData, tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     again = prepare_all(corpus_dir, prepared.root.parent, vocab_size=VOCAB, seed=0, val_fraction=0.1,
-                        test_fraction=0.1, max_docs_per_domain=MAX_DOCS)
+                        test_fraction=0.1, max_docs_per_domain=MAX_DOCS, pinned=False)
     assert again == prepared
     assert [p.name for p in prepared.root.parent.iterdir()] == [prepared.root.name]  # no temp dirs left
     assert PreparedData.load(prepared.root) == prepared
@@ -382,13 +387,41 @@ def test_prepare_all_is_cached_and_atomic(corpus_dir: Path, prepared: PreparedDa
     orphan.mkdir()
     (orphan / "owner").write_text(f"{socket.gethostname()} {2**22 + 1}\n")
     prepare_all(corpus_dir, prepared.root.parent, vocab_size=VOCAB, seed=0, val_fraction=0.1,
-                test_fraction=0.1, max_docs_per_domain=MAX_DOCS)
+                test_fraction=0.1, max_docs_per_domain=MAX_DOCS, pinned=False)
     assert not orphan.exists()
 
     monkeypatch.setattr(data, "tokenize_shards", killed)
     with pytest.raises(KeyboardInterrupt):
-        prepare_all(corpus_dir, tmp_path / "cache", vocab_size=VOCAB, max_docs_per_domain=MAX_DOCS)
+        prepare_all(corpus_dir, tmp_path / "cache", vocab_size=VOCAB, max_docs_per_domain=MAX_DOCS, pinned=False)
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_corpus_of_ones_own_needs_pinned_false_and_is_keyed_by_its_content(
+        corpus_dir: Path, prepared: PreparedData, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"sha256 mismatch.*pinned: false"):
+        prepare_all(corpus_dir, tmp_path / "cache", vocab_size=VOCAB, max_docs_per_domain=MAX_DOCS)
+    assert main(["data", "corpus", "--corpus", str(corpus_dir), "--out", str(tmp_path / "s")]) == 2
+    assert main(["data", "corpus", "--corpus", str(corpus_dir), "--unpinned", "--out", str(tmp_path / "s")]) == 0
+    assert json.loads((prepared.root / "prepared.json").read_text())["corpus_sha256"] == {
+        d: sha256_file(corpus_file(corpus_dir, d)) for d in DOMAINS}
+    edited = tmp_path / "edited"
+    shutil.copytree(corpus_dir, edited)
+    with open(edited / "c4.txt", "a", encoding="utf-8") as f:
+        f.write("One more document that was not there before.\n")
+    other = prepare_all(edited, tmp_path / "cache", vocab_size=VOCAB, seed=0, val_fraction=0.1,
+                        test_fraction=0.1, max_docs_per_domain=MAX_DOCS, pinned=False)
+    assert other.root.name != prepared.root.name
+
+
+@pytest.mark.real_corpus
+def test_the_real_corpus_prepares(real_corpus: Path, tmp_path: Path) -> None:
+    """The authors' files through the whole build: every domain in every split, Japanese kept intact."""
+    got = prepare_all(real_corpus, tmp_path / "cache", vocab_size=VOCAB, seed=0, val_fraction=0.1,
+                      test_fraction=0.1, max_docs_per_domain=MAX_DOCS)
+    tokens = json.loads((got.root / "prepared.json").read_text())["tokens"]
+    assert all(tokens[s][d] > 0 for s in SPLITS for d in DOMAINS)
+    ja = next(iter_documents(got, "train", "ja_mc4"))
+    assert any("\u3040" <= ch <= "\u30ff" for ch in ja)  # hiragana / katakana
 
 
 # ---------------------------------------------------------------------------- other corpora and formats

@@ -32,6 +32,7 @@ from drop_upcycling.evaluate import (
     build_local_suite,
     check_requirements,
     checkpoint_labels,
+    cloze_items,
     evaluate,
     leaf_tasks,
     local_task_names,
@@ -71,7 +72,7 @@ def _train(model: CausalLM, prepared: PreparedData, steps: int, seed: int) -> No
 def prepared(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> PreparedData:
     """The data pipeline on 500 documents per domain: splits, a 512-token BPE, tokenized shards."""
     return prepare_all(corpus=corpus_dir, cache_dir=tmp_path_factory.mktemp("data"), vocab_size=VOCAB,
-                       max_docs_per_domain=500)
+                       max_docs_per_domain=500, pinned=False)
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +121,24 @@ def _table(rows: list[dict], checkpoint: str) -> dict[tuple[str, str], float]:
 
 
 # ---------------------------------------------------------------------------- the local suite
+def test_cloze_choices_are_distinct_when_documents_repeat_a_continuation() -> None:
+    """Boilerplate repeats: a repeated continuation is never a distractor twice, nor beside itself."""
+    size = LOCAL_SIZES["ci"]
+    n = size.context_chars + size.continuation_chars
+    same = "x" * size.continuation_chars
+
+    def doc(i: int, tail: str) -> dict:
+        return {"id": f"d{i}", "text": f"{i:03d} " + "w" * (size.context_chars - 4) + tail + " end"}
+
+    docs = [doc(i, same) for i in range(6)] + [doc(6 + i, f"{i}" * size.continuation_chars) for i in range(3)]
+    for seed in range(20):
+        for item in cloze_items(docs, size, random.Random(seed), "code"):
+            assert len(set(item["choices"])) == 4, item
+    with pytest.raises(UserError, match="only 3 distinct test documents"):
+        cloze_items(docs[:8], size, random.Random(0), "code")
+    assert all(len(d["text"]) >= n for d in docs)
+
+
 def test_local_suite_items_are_faithful_and_seeded(prepared: PreparedData, suite: Path, tmp_path: Path) -> None:
     size = LOCAL_SIZES["ci"]
     test_dir = prepared.splits_dir / "test"
@@ -347,6 +366,26 @@ def test_paper_group_resolves_to_the_papers_tasks() -> None:
     hub = task_datasets(tm, leaves)
     assert set(hub) == set(PAPER_TASKS)  # every task reads a Hub dataset
     assert hub["squadv2"][0] == "lighteval/squad_v2" and hub["du_niilc"][0] == "sbintuitions/niilc-qa"
+
+
+@pytest.mark.paper_eval
+def test_every_paper_task_yaml_loads_with_the_paper_eval_extra() -> None:
+    """tox -e paper-eval: with the extra installed, every leaf task of the paper group loads in lm-eval
+    offline, its ``!function`` hooks imported (XL-Sum's pulls in MeCab), and no requirement is missing."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    tm = task_manager(plan_tasks("paper", None))
+    leaves = leaf_tasks(tm, [PAPER_GROUP])
+    assert set(leaves) == set(PAPER_TASKS)
+    check_requirements(leaves)
+    for task in leaves:
+        config = load_yaml(tm.task_index[task]["yaml_path"], resolve_func=True)
+        assert config["task"] == task
+    xlsum = load_yaml(tm.task_index["ja_leaderboard_xlsum"]["yaml_path"], resolve_func=True)
+    assert callable(xlsum["metric_list"][0]["metric"])  # the hook module imported
+    import fugashi
+
+    assert fugashi.Tagger().parse("日本語の要約")  # MeCab and its dictionary work
 
 
 def test_paper_suite_offline_names_the_missing_datasets(dense_dir: Path, tmp_path: Path,

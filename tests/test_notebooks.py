@@ -9,13 +9,14 @@ from pathlib import Path
 import nbformat
 import pandas as pd
 import pytest
+from conftest import RELEASED_COUNTS
 from nbclient import NotebookClient
 
 from drop_upcycling.flops import plan_table
 from drop_upcycling.routing import read_counts, routing_metrics
 
 ANALYSIS = Path(__file__).resolve().parents[1] / "analysis"
-RELEASED = Path(__file__).resolve().parents[2] / "shared/paper/fig5_routing_counts.csv"
+RELEASED = RELEASED_COUNTS
 
 
 def _execute(name: str, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> str:
@@ -36,7 +37,6 @@ def _execute(name: str, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_routing_notebook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert RELEASED.is_file(), f"released routing counts not found at {RELEASED}"
     released = read_counts(RELEASED)
     # Small input: two models, eight layers, split over two files.
     small = released[released["layer"] < 8]

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import RELEASED_COUNTS as RELEASED
 
 from drop_upcycling.cli import main
 from drop_upcycling.errors import UserError
@@ -22,13 +23,9 @@ from drop_upcycling.routing import (
     shared_top_k,
 )
 
-RELEASED = Path(__file__).resolve().parents[2] / "shared/paper/fig5_routing_counts.csv"
-
 
 @pytest.fixture(scope="module")
 def released() -> pd.DataFrame:
-    # Present in CI: missing is a failure, never a skip.
-    assert RELEASED.is_file(), f"released routing counts not found at {RELEASED}"
     return read_counts(RELEASED)
 
 
@@ -277,7 +274,7 @@ def small_split(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> t
     from drop_upcycling.data import prepare_all
 
     prepared = prepare_all(corpus=corpus_dir, cache_dir=tmp_path_factory.mktemp("data"), vocab_size=512,
-                           max_docs_per_domain=150, test_fraction=0.2)
+                           max_docs_per_domain=150, test_fraction=0.2, pinned=False)
     return Path(prepared.root), Path(prepared.splits_dir), Path(prepared.tokenizer_dir)
 
 

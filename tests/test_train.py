@@ -76,13 +76,13 @@ def tiny_recipe(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path) -> P
     """recipes/configs/tiny_moe.yaml with a private data cache and a 300-document slice per domain."""
     root = tmp_path_factory.mktemp("tiny")
     d = yaml.safe_load((REPO / "recipes" / "configs" / "tiny_moe.yaml").read_text())
-    d["data"].update(corpus=str(corpus_dir), cache_dir=str(root / "cache"), max_docs_per_domain=300)
+    d["data"].update(corpus=str(corpus_dir), pinned=False, cache_dir=str(root / "cache"), max_docs_per_domain=300)
     (root / "tiny_moe.yaml").write_text(yaml.safe_dump(d))
     return root / "tiny_moe.yaml"
 
 
 def _corpus_config(path: Path, recipe: Path, **changes) -> Path:
-    """The tiny recipe (real corpus) with ``changes``."""
+    """The tiny recipe (synthetic corpus) with ``changes``."""
     path.write_text(yaml.safe_dump({**yaml.safe_load(recipe.read_text()), **changes}))
     return path
 
@@ -248,11 +248,16 @@ def test_vocab_smaller_than_the_tokenizer_fails_clearly(tiny_recipe: Path, tmp_p
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(free_port())}.items():
         monkeypatch.setenv(key, value)
+    from drop_upcycling.data import prepare_all
+
     d = yaml.safe_load(tiny_recipe.read_text())
-    d["model"]["vocab_size"] = 4096
+    prepared = prepare_all(d["data"]["corpus"], d["data"]["cache_dir"], d["data"]["vocab_size"],
+                           max_docs_per_domain=d["data"]["max_docs_per_domain"], pinned=False)
+    tokens = prepared.vocab_size
+    d["model"]["vocab_size"] = tokens // 2
     config = tmp_path / "small_vocab.yaml"
     config.write_text(yaml.safe_dump(d))
-    with pytest.raises(UserError, match="has 8192 tokens, more than the model's vocab of 4096"):
+    with pytest.raises(UserError, match=f"has {tokens} tokens, more than the model's vocab of {tokens // 2}"):
         train_run(_args(str(config), "--out", str(tmp_path / "out")))
 
 
@@ -271,7 +276,8 @@ def test_init_from_hf_checkpoint_each_rank_loads_its_experts(tiny_recipe: Path, 
 
     # Reference: the global batch of each micro-step is rank 0's then rank 1's sequences.
     d = run.data
-    prepared = prepare_all(d["corpus"], d["cache_dir"], d["vocab_size"], max_docs_per_domain=d["max_docs_per_domain"])
+    prepared = prepare_all(d["corpus"], d["cache_dir"], d["vocab_size"], max_docs_per_domain=d["max_docs_per_domain"],
+                           pinned=False)
     readers = [TokenSequenceReader(prepared.files_by_domain("train", list(d["weights"])), run.seq_len,
                                    weights=d["weights"], seed=run.seed, rank=r, world_size=2) for r in range(2)]
     accum = run.global_batch_tokens // run.seq_len // (2 * run.micro_batch_size)

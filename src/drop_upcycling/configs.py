@@ -624,6 +624,6 @@ TRAIN_SPECS: dict[str, Spec] = {
     "gpus_per_node": POSITIVE_INT, "method": _optional(TEXT),
 }
 DATA_SPECS: dict[str, Spec] = {
-    "corpus": _optional(TEXT), "pinned": BOOL, "cache_dir": _optional(TEXT), "vocab_size": POSITIVE_INT, "weights": _optional(MAPPING),
-    "split": TEXT, "seed": COUNT, "max_docs_per_domain": _optional(POSITIVE_INT),
+    "corpus": _optional(TEXT), "pinned": BOOL, "cache_dir": _optional(TEXT), "vocab_size": POSITIVE_INT,
+    "weights": _optional(MAPPING), "split": TEXT, "seed": COUNT, "max_docs_per_domain": _optional(POSITIVE_INT),
 }

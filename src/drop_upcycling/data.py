@@ -41,6 +41,7 @@ from .data_pipeline import (
     SPLITS,
     cache_root,
     check_vocab,
+    corpus_digests,
     download_corpus,
     jsonl_files,
     prepare_corpus,
@@ -135,17 +136,21 @@ def prepare_all(
     test_fraction: float = DEFAULT_TEST_FRACTION,
     max_docs_per_domain: int | None = None,
     workers: int = 1,
+    pinned: bool = True,
 ) -> PreparedData:
     """Corpus -> splits -> tokenizer -> shards, once per (corpus, options); later calls return the cache.
 
     ``cache_dir`` defaults to ``$DROP_UPCYCLING_CACHE/data`` (``~/.cache/drop_upcycling/data``). The
     result lives in ``cache_dir/prepared-<hash>``; it is built in a sibling temp dir and renamed,
-    and if another process finished first its copy is kept and ours discarded.
+    and if another process finished first its copy is kept and ours discarded. ``pinned=False``
+    takes an explicit corpus folder of one's own (same four files, any text); the cache key then
+    holds the files' own sha256, so changed text is a new cache entry.
     """
-    corpus_dir = resolve_corpus(corpus)
+    corpus_dir = resolve_corpus(corpus, pinned=pinned)
+    digests = corpus_digests(verify_corpus(corpus_dir, pinned=False), pinned=pinned)
     options = {"vocab_size": vocab_size, "seed": seed, "val_fraction": val_fraction,
                "test_fraction": test_fraction, "max_docs_per_domain": max_docs_per_domain}
-    key = _cache_key(dict(CORPUS_SHA256), options)
+    key = _cache_key(digests, options)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "data"
     root = cache / f"prepared-{key}"
     if cache.is_dir():
@@ -158,7 +163,8 @@ def prepare_all(
         log.info("preparing data in %s (corpus %s)", root, corpus_dir)
         steps = [
             ("splits", lambda: prepare_corpus(corpus_dir, tmp / "splits", seed=seed, val_fraction=val_fraction,
-                                              test_fraction=test_fraction, max_docs_per_domain=max_docs_per_domain)),
+                                              test_fraction=test_fraction, max_docs_per_domain=max_docs_per_domain,
+                                              pinned=False)),  # verified above
             ("tokenizer", lambda: train_tokenizer(tmp / "splits" / "train", tmp / "tokenizer", vocab_size=vocab_size)),
             ("shards", lambda: tokenize_shards(tmp / "splits", tmp / "tokenizer", tmp / "shards", workers=workers)),
         ]
@@ -168,7 +174,7 @@ def prepare_all(
             step()
             seconds[name] = round(time.perf_counter() - start, 2)
         tokens = {s: {d: _tokens_in(tmp / "shards" / s / d) for d in DOMAINS} for s in SPLITS}
-        write_json(tmp / PREPARED_FILE, {"key": key, "corpus_sha256": CORPUS_SHA256, "options": options,
+        write_json(tmp / PREPARED_FILE, {"key": key, "corpus_sha256": digests, "options": options,
                                          "domains": list(DOMAINS), "tokens": tokens, "seconds": seconds})
         log.info("prepared data: %s tokens per split and domain, step seconds %s", tokens, seconds)
         apply_umask(tmp)
@@ -446,6 +452,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION)
     p.add_argument("--test-fraction", type=float, default=DEFAULT_TEST_FRACTION)
     p.add_argument("--max-docs-per-domain", type=int, help="keep the first N documents per domain (quick runs)")
+    p.add_argument("--unpinned", action="store_true", help="--corpus is a folder of your own (same four files, "
+                   "any text): skip the check against the authors' sha256")
     p.add_argument("--overwrite", action="store_true")
     p = sub.add_parser("tokenizer", help="train a byte-level BPE on the train split")
     p.add_argument("--train", type=Path, required=True, metavar="DIR", help="the train split folder (<domain>.jsonl)")
@@ -462,6 +470,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="tasks run in parallel")
     p = sub.add_parser("prepare", help="all three steps into the cache (what training and evaluation use)")
     p.add_argument("--corpus", type=Path, metavar="DIR")
+    p.add_argument("--unpinned", action="store_true", help="--corpus is a folder of your own (see corpus --unpinned)")
     p.add_argument("--cache-dir", type=Path, metavar="DIR", help="default $DROP_UPCYCLING_CACHE/data")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--seed", type=int, default=0)
@@ -498,10 +507,10 @@ def run(args: argparse.Namespace) -> int:
                            overwrite=args.overwrite)
         print(json.dumps(json.loads((out / "splits.json").read_text())["documents"]))
     elif args.step == "corpus":
-        corpus = resolve_corpus(args.corpus)
+        corpus = resolve_corpus(args.corpus, pinned=not args.unpinned)
         out = prepare_corpus(corpus, args.out, seed=args.seed, val_fraction=args.val_fraction,
                              test_fraction=args.test_fraction, max_docs_per_domain=args.max_docs_per_domain,
-                             overwrite=args.overwrite)
+                             overwrite=args.overwrite, pinned=not args.unpinned)
         print(json.dumps(json.loads((out / "splits.json").read_text())["documents"]))
     elif args.step == "tokenizer":
         out = train_tokenizer(args.train, args.out, vocab_size=args.vocab_size, overwrite=args.overwrite)
@@ -512,6 +521,6 @@ def run(args: argparse.Namespace) -> int:
         print(out)
     else:
         prepared = prepare_all(args.corpus, args.cache_dir, vocab_size=args.vocab_size, seed=args.seed,
-                               workers=args.workers)
+                               workers=args.workers, pinned=not args.unpinned)
         print(prepared.root)
     return 0

@@ -21,14 +21,15 @@ import logging
 import os
 import re
 import shutil
-import tempfile
+import socket
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .checkpoint import atomic_dir, write_json
 from .errors import UserError
+from .fsio import apply_umask, atomic_dir, remove_orphans, temp_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,9 @@ PAD_TOKEN = "<pad>"
 ENV_CORPUS = "DROP_UPCYCLING_CORPUS"
 ENV_CACHE = "DROP_UPCYCLING_CACHE"
 ENV_CORPUS_URL = "DROP_UPCYCLING_CORPUS_URL"  # base URL override (a mirror, or file:// for offline tests)
+DOWNLOAD_TIMEOUT_S = 15.0  # connect and per-read timeout
+DOWNLOAD_RETRIES = 1
+DOWNLOAD_RETRY_WAIT_S = 2.0
 
 
 # ---------------------------------------------------------------------------- corpus resolution
@@ -77,8 +81,13 @@ def corpus_file(corpus_dir: Path, domain: str) -> Path | None:
     return None
 
 
-def verify_corpus(corpus_dir: str | Path) -> dict[str, Path]:
-    """Check that ``corpus_dir`` holds the four domain files with the pinned sha256; return them by domain."""
+def verify_corpus(corpus_dir: str | Path, *, pinned: bool = True) -> dict[str, Path]:
+    """Check that ``corpus_dir`` holds the four domain files; return them by domain.
+
+    ``pinned`` (the default) also checks each file against the authors' release (:data:`CORPUS_SHA256`),
+    so a truncated download or an edited copy is an error instead of silently different data.
+    ``pinned=False`` accepts any text in the same four files: a corpus of one's own in this layout.
+    """
     corpus_dir = Path(corpus_dir).expanduser()
     if not corpus_dir.is_dir():
         raise UserError(f"corpus directory {corpus_dir} does not exist")
@@ -89,31 +98,38 @@ def verify_corpus(corpus_dir: str | Path) -> dict[str, Path]:
             raise UserError(f"corpus directory {corpus_dir} lacks {domain}.txt (or {domain}_texts.txt)")
         if path.stat().st_size == 0:
             raise UserError(f"corpus file {path} is empty")
-        digest = sha256_file(path)
-        if digest != CORPUS_SHA256[domain]:
-            raise UserError(f"sha256 mismatch for {path}: got {digest}, expected {CORPUS_SHA256[domain]}")
+        if pinned:
+            digest = sha256_file(path)
+            if digest != CORPUS_SHA256[domain]:
+                raise UserError(f"sha256 mismatch for {path}: got {digest}, expected {CORPUS_SHA256[domain]} "
+                                "(not the authors' file; a corpus of your own needs pinned: false, or --unpinned)")
         files[domain] = path
     return files
+
+
+def corpus_digests(files: dict[str, Path], *, pinned: bool = True) -> dict[str, str]:
+    """sha256 per domain: the pinned values for a verified corpus (already hashed), else hashed now."""
+    return dict(CORPUS_SHA256) if pinned else {d: sha256_file(p) for d, p in files.items()}
 
 
 def download_corpus(dest: Path, base_url: str | None = None) -> Path:
     """Download the four domain files at the pinned commit into ``dest``, sha256-verified, all or nothing."""
     base_url = (base_url or os.environ.get(ENV_CORPUS_URL) or CORPUS_BASE_URL).rstrip("/")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    remove_orphans(dest.parent)  # an earlier download that was killed
+    tmp = temp_dir(dest)
     try:
         for domain in DOMAINS:
             url = f"{base_url}/{domain}_texts.txt"
-            log.info("downloading %s", url)
             target = tmp / f"{domain}.txt"
-            with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as out:
-                shutil.copyfileobj(response, out)
+            _fetch(url, target)
             digest = sha256_file(target)
             if digest != CORPUS_SHA256[domain]:
                 raise UserError(f"sha256 mismatch for {url}: got {digest}, expected {CORPUS_SHA256[domain]}")
         if dest.exists():  # a concurrent download finished first; keep it (it was verified too)
             shutil.rmtree(tmp)
         else:
+            apply_umask(tmp)
             tmp.rename(dest)
         return dest
     except BaseException:
@@ -121,15 +137,51 @@ def download_corpus(dest: Path, base_url: str | None = None) -> Path:
         raise
 
 
-def resolve_corpus(corpus: str | Path | None = None) -> Path:
-    """Find the shared corpus: ``corpus`` / ``$DROP_UPCYCLING_CORPUS`` / user cache / download; sha256-verified.
+def _fetch(url: str, target: Path) -> None:
+    """One file with a progress bar; a short timeout, and one retry after a transient failure.
+
+    Offline, the first attempt fails at name resolution at once, so a user without network learns
+    the other ways to provide the corpus within seconds rather than after a long wait. A missing file
+    (HTTP 4xx) is not retried.
+    """
+    from tqdm.auto import tqdm
+
+    for attempt in range(1 + DOWNLOAD_RETRIES):
+        try:
+            log.info("downloading %s", url)
+            with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(target, "wb") as out:
+                total = int(response.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc=target.name, disable=None) as bar:
+                    for chunk in iter(lambda: response.read(1 << 16), b""):
+                        out.write(chunk)
+                        bar.update(len(chunk))
+            return
+        except urllib.error.HTTPError as e:
+            if e.code < 500 or attempt == DOWNLOAD_RETRIES:
+                raise
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            if attempt == DOWNLOAD_RETRIES or _is_offline(e):
+                raise
+        log.warning("download of %s failed, retrying in %.0f s", url, DOWNLOAD_RETRY_WAIT_S)
+        time.sleep(DOWNLOAD_RETRY_WAIT_S)
+
+
+def _is_offline(e: Exception) -> bool:
+    """Name resolution failed or the URL is a local file that is not there: retrying cannot help."""
+    reason = getattr(e, "reason", e)
+    return isinstance(reason, (socket.gaierror, FileNotFoundError))
+
+
+def resolve_corpus(corpus: str | Path | None = None, *, pinned: bool = True) -> Path:
+    """Find the corpus: ``corpus`` / ``$DROP_UPCYCLING_CORPUS`` / user cache / pinned download.
 
     An explicit path (argument or environment) is never second-guessed: if it is wrong, that is the
-    error, rather than silently falling back to a different copy.
+    error, rather than silently falling back to a different copy. ``pinned=False`` applies to an
+    explicit path only: the cache and the download are always the authors' files, sha256-verified.
     """
     explicit = corpus if corpus is not None else os.environ.get(ENV_CORPUS) or None
     if explicit is not None:
-        verify_corpus(explicit)
+        verify_corpus(explicit, pinned=pinned)
         return Path(explicit).expanduser()
     cached = cache_root() / "corpus"
     if cached.is_dir():
@@ -140,10 +192,15 @@ def resolve_corpus(corpus: str | Path | None = None) -> Path:
     except (urllib.error.URLError, OSError) as e:
         raise UserError(
             f"no corpus found: pass --corpus DIR, set ${ENV_CORPUS}, put the four files in {cached}, or allow "
-            f"network access to download them from {CORPUS_BASE_URL} ({e})"
+            f"network access to download them from {CORPUS_BASE_URL} ({_reason(e)})"
         ) from e
     verify_corpus(cached)
     return cached
+
+
+def _reason(e: BaseException) -> str:
+    """The cause of a failed download in a few words, on one line."""
+    return " ".join(str(getattr(e, "reason", None) or e).split())
 
 
 # ---------------------------------------------------------------------------- documents and splits
@@ -298,12 +355,14 @@ def prepare_corpus(
     test_fraction: float = 0.05,
     max_docs_per_domain: int | None = None,
     overwrite: bool = False,
+    pinned: bool = True,
 ) -> Path:
-    """The verified shared corpus -> JSONL splits (``out_dir/{train,validation,test}/{domain}.jsonl``).
+    """The verified corpus -> JSONL splits (``out_dir/{train,validation,test}/{domain}.jsonl``).
 
-    ``max_docs_per_domain`` keeps the first N documents of each domain (quick runs and tests).
+    ``max_docs_per_domain`` keeps the first N documents of each domain (quick runs and tests);
+    ``pinned`` as in :func:`verify_corpus`.
     """
-    files = verify_corpus(corpus_dir)
+    files = verify_corpus(corpus_dir, pinned=pinned)
 
     def docs(domain: str) -> Iterator[str]:
         for i, text in enumerate(read_documents(files[domain], DOC_UNITS[domain])):

@@ -132,15 +132,21 @@ def cloze_items(docs: Sequence[dict], size: LocalSize, rng: random.Random, domai
         cont = text[c:end]
         if cont.strip():
             spans.append((d["id"], text[:c], cont))
-    if len(spans) < NUM_CHOICES:
+    # Distractors come from distinct continuations: boilerplate (licence headers, templates) repeats
+    # across documents, and two equal choices would make an item unanswerable.
+    first_of = {}
+    for j, span in enumerate(spans):
+        first_of.setdefault(span[2], j)
+    if len(first_of) < NUM_CHOICES:
         raise UserError(
-            f"domain {domain}: only {len(spans)} test documents are long enough for the cloze task "
+            f"domain {domain}: only {len(first_of)} distinct test documents are long enough for the cloze task "
             f"(need {NUM_CHOICES} of >= {size.context_chars + size.continuation_chars} characters)"
         )
+    distinct = sorted(first_of.values())
     order = rng.sample(range(len(spans)), min(size.cloze_items, len(spans)))
     items = []
     for i in order:
-        others = rng.sample([j for j in range(len(spans)) if j != i], NUM_CHOICES - 1)
+        others = rng.sample([j for j in distinct if spans[j][2] != spans[i][2]], NUM_CHOICES - 1)
         gold = rng.randrange(NUM_CHOICES)
         choices = [spans[j][2] for j in others]
         choices.insert(gold, spans[i][2])

@@ -90,13 +90,11 @@ def _corpus_reader(data: dict[str, Any], run: TrainConfig, cfg: ModelConfig, ran
     """:class:`drop_upcycling.data.TokenSequenceReader` over the prepared corpus (prepared on first use)."""
     from . import data as data_mod
 
-    known = {"corpus", "cache_dir", "vocab_size", "weights", "split", "seed", "max_docs_per_domain"}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise UserError(f"unknown data field(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    # The fields were checked where the config was read (configs.DATA_SPECS).
     prepared = data_mod.prepare_all(corpus=data.get("corpus"), cache_dir=data.get("cache_dir"),
                                     vocab_size=data.get("vocab_size", cfg.vocab_size), seed=data.get("seed", 0),
-                                    max_docs_per_domain=data.get("max_docs_per_domain"))
+                                    max_docs_per_domain=data.get("max_docs_per_domain"),
+                                    pinned=data.get("pinned", True))
     data_mod.check_vocab(prepared.tokenizer_dir, cfg.vocab_size)
     weights = data.get("weights")
     files = prepared.files_by_domain(data.get("split", "train"), list(weights) if weights else None)

@@ -9,7 +9,6 @@ module takes. Shapes are FACTS.md §3.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any
 import yaml
 
 from .errors import UserError
+from .fsio import load_json  # the one JSON reader; configs.load_json stays importable
 
 AUX_LOSS_MODES = ("global", "per_layer")
 
@@ -446,17 +446,6 @@ def check_model_spec(m: Any, source: str | Path | None = None, key: str = "model
         raise UserError(f"{where}{key} must be a model name, a path or a mapping of model fields, got {m!r}")
     return check_fields(m, {"base": TEXT, **MODEL_SPECS}, source, prefix=f"{key}.", numeric_strings=True,
                         unknown="model field")
-
-
-def load_json(path: str | Path) -> Any:
-    """Read a JSON file; a missing or malformed file is a :class:`UserError` naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} does not exist")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
 
 
 def read_hf_config(path: str | Path) -> dict[str, Any]:

@@ -29,7 +29,15 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .errors import UserError
-from .fsio import apply_umask, atomic_dir, remove_orphans, temp_dir, write_json
+from .fsio import (
+    apply_umask,
+    atomic_dir,
+    cache_root,
+    remove_orphans,
+    sha256_file,
+    temp_dir,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +60,6 @@ SPLITS = ("train", "validation", "test")
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<pad>"
 ENV_CORPUS = "DROP_UPCYCLING_CORPUS"
-ENV_CACHE = "DROP_UPCYCLING_CACHE"
 ENV_CORPUS_URL = "DROP_UPCYCLING_CORPUS_URL"  # base URL override (a mirror, or file:// for offline tests)
 DOWNLOAD_TIMEOUT_S = 15.0  # connect and per-read timeout
 DOWNLOAD_RETRIES = 1
@@ -60,19 +67,6 @@ DOWNLOAD_RETRY_WAIT_S = 2.0
 
 
 # ---------------------------------------------------------------------------- corpus resolution
-def cache_root() -> Path:
-    """Base of every cache this package writes: ``$DROP_UPCYCLING_CACHE`` or ``~/.cache/drop_upcycling``."""
-    return Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "drop_upcycling").expanduser()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def corpus_file(corpus_dir: Path, domain: str) -> Path | None:
     """The domain's file in ``corpus_dir``: ``<domain>.txt`` (shared folder) or ``<domain>_texts.txt`` (upstream)."""
     for name in (f"{domain}.txt", f"{domain}_texts.txt"):

@@ -1,4 +1,5 @@
-"""Writing outputs: whole or not at all, one writer at a time, readable as the umask says.
+"""Files in and out: outputs written whole or not at all, one writer at a time, readable as the umask
+says; JSON read with one-line errors; file hashes; the cache folder.
 
 Every command writes through these few functions, so the rules hold everywhere:
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -32,10 +34,12 @@ import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from .errors import UserError
 
 log = logging.getLogger(__name__)
+ENV_CACHE = "DROP_UPCYCLING_CACHE"
 LOCK_MARK = "drop-upcycling"
 # ".NAME.tmp-PID@HOST-xxxxxxxx" (mkdtemp/mkstemp's random suffix is 8 of [a-z0-9_]); ".old-" for trash.
 _TEMP = re.compile(r"^\..+\.(?:tmp|old)-(\d+)@(.+)-[a-z0-9_]{8}$")
@@ -358,3 +362,29 @@ def write_text(path: str | Path, text: str) -> Path:
 def write_json(path: str | Path, data: object) -> None:
     """:func:`write_text` of ``data`` as indented JSON."""
     write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+# ---------------------------------------------------------------------------- reading
+def cache_root() -> Path:
+    """Base of every cache this package writes: ``$DROP_UPCYCLING_CACHE`` or ``~/.cache/drop_upcycling``."""
+    return Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "drop_upcycling").expanduser()
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (corpus files, tokenizers, configs in provenance)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_json(path: str | Path) -> Any:
+    """Read a JSON file; a missing or malformed file is a :class:`UserError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None

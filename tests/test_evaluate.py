@@ -379,9 +379,9 @@ def test_every_paper_task_yaml_loads_with_the_paper_eval_extra() -> None:
     assert set(leaves) == set(PAPER_TASKS)
     check_requirements(leaves)
     for task in leaves:
-        config = load_yaml(tm.task_index[task]["yaml_path"], resolve_func=True)
+        config = load_yaml(tm.task_index[task].yaml_path, resolve_func=True)
         assert config["task"] == task
-    xlsum = load_yaml(tm.task_index["ja_leaderboard_xlsum"]["yaml_path"], resolve_func=True)
+    xlsum = load_yaml(tm.task_index["ja_leaderboard_xlsum"].yaml_path, resolve_func=True)
     assert callable(xlsum["metric_list"][0]["metric"])  # the hook module imported
     import fugashi
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from drop_upcycling.routing import analyze_routing, format_summary, read_counts, routing_metrics
+from drop_upcycling.routing import analyze_routing, format_summary, routing_metrics
+from drop_upcycling.routing_csv import read_counts
 
 RELEASED = Path(__file__).resolve().parents[1] / "reports/reference/fig5_routing_counts.csv"
 

@@ -20,7 +20,8 @@ import torch
 from drop_upcycling import data
 from drop_upcycling.checkpoint import save_model
 from drop_upcycling.configs import MODEL_CONFIGS
-from drop_upcycling.evaluate import LOCAL_GROUP, _cached_task_manager, build_local_suite, evaluate_checkpoint
+from drop_upcycling.evaluate import _cached_task_manager, evaluate_checkpoint
+from drop_upcycling.local_suite import LOCAL_GROUP, build_local_suite
 from drop_upcycling.model import CausalLM
 
 CFG = MODEL_CONFIGS["tiny-dense"].replace(vocab_size=512, max_position_embeddings=1024)

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from drop_upcycling.configs import MODEL_CONFIGS
+from drop_upcycling.count_routing import RoutingCounter
 from drop_upcycling.model import CausalLM
-from drop_upcycling.routing import RoutingCounter
 
 CFG = MODEL_CONFIGS["moe-8x152m"].replace(num_hidden_layers=2)
 SEQ = 512

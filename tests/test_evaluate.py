@@ -25,21 +25,24 @@ from drop_upcycling.data import PreparedData, iter_domain_sequences, prepare_all
 from drop_upcycling.errors import UserError
 from drop_upcycling.evaluate import (
     CSV_COLUMNS,
-    LOCAL_GROUP,
-    LOCAL_SIZES,
     PAPER_DIR,
     PAPER_GROUP,
-    build_local_suite,
+    EvalOptions,
     check_requirements,
     checkpoint_labels,
-    cloze_items,
     evaluate,
     leaf_tasks,
-    local_task_names,
     plan_tasks,
     run_checkpoints,
     task_datasets,
     task_manager,
+)
+from drop_upcycling.local_suite import (
+    LOCAL_GROUP,
+    LOCAL_SIZES,
+    build_local_suite,
+    cloze_items,
+    local_task_names,
 )
 from drop_upcycling.model import CausalLM
 from drop_upcycling.upcycle import UpcycleOptions, upcycle
@@ -276,8 +279,8 @@ def test_naive_upcycled_moe_scores_like_its_dense_parent(dense_dir: Path, prepar
 # ---------------------------------------------------------------------------- training helps
 def test_briefly_trained_checkpoint_beats_its_random_init(checkpoints: dict[str, Path], suite: Path,
                                                           tmp_path: Path) -> None:
-    out = evaluate([checkpoints["init"], checkpoints["trained"]], "local", tmp_path / "eval", local_dir=suite,
-                   device="cpu")
+    out = evaluate([checkpoints["init"], checkpoints["trained"]], tmp_path / "eval",
+                   EvalOptions(local_dir=suite, device="cpu"))
     rows = _read_csv(out / "results.csv")
     before, after = _table(rows, "init"), _table(rows, "trained")
     for d in DOMAINS:
@@ -298,9 +301,9 @@ def test_not_a_checkpoint(tmp_path: Path, suite: Path, capsys: pytest.CaptureFix
 def test_checkpoint_without_tokenizer(tiny_dense_dir: Path, suite: Path,
                                       tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"no tokenizer.*--tokenizer"):
-        evaluate([tiny_dense_dir], "local", tmp_path / "out", local_dir=suite)
+        evaluate([tiny_dense_dir], tmp_path / "out", EvalOptions(local_dir=suite))
     with pytest.raises(UserError, match="holds no tokenizer"):
-        evaluate([tiny_dense_dir], "local", tmp_path / "out", local_dir=suite, tokenizer=tmp_path)
+        evaluate([tiny_dense_dir], tmp_path / "out", EvalOptions(local_dir=suite, tokenizer=tmp_path))
     assert not (tmp_path / "out").exists()
 
 
@@ -317,7 +320,7 @@ def test_unknown_task(dense_dir: Path, suite: Path, tmp_path: Path, capsys: pyte
 def test_existing_output_is_not_replaced(dense_dir: Path, suite: Path, tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
     with pytest.raises(UserError, match="already exists"):
-        evaluate([dense_dir], "local", tmp_path / "out", local_dir=suite)
+        evaluate([dense_dir], tmp_path / "out", EvalOptions(local_dir=suite))
 
 
 def test_runs_give_their_latest_checkpoints(dense_dir: Path, tmp_path: Path) -> None:
@@ -337,6 +340,17 @@ def test_runs_give_their_latest_checkpoints(dense_dir: Path, tmp_path: Path) -> 
         run_checkpoints(tmp_path / "runs" / "unfinished")
     with pytest.raises(UserError, match="given twice"):
         checkpoint_labels([found[0], found[0]])
+
+
+def test_evaluation_does_not_import_training() -> None:
+    """Evaluation reads run folders through :mod:`drop_upcycling.run_layout`, not the training code."""
+    import subprocess
+    import sys
+
+    code = ("import sys, drop_upcycling.evaluate, drop_upcycling.local_suite; "
+            "sys.exit('drop_upcycling.train' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
 
 
 def test_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

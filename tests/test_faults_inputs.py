@@ -23,8 +23,9 @@ from test_curves import write_run
 
 from drop_upcycling.cli import main
 from drop_upcycling.configs import TrainConfig
+from drop_upcycling.count_routing import chunk_length
 from drop_upcycling.errors import UserError
-from drop_upcycling.routing import COUNT_COLUMNS, chunk_length, read_counts
+from drop_upcycling.routing_csv import COUNT_COLUMNS, read_counts
 
 
 def _one_line_error(capsys: pytest.CaptureFixture, *fragments: str) -> str:

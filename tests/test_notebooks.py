@@ -13,7 +13,8 @@ from conftest import RELEASED_COUNTS
 from nbclient import NotebookClient
 
 from drop_upcycling.flops import plan_table
-from drop_upcycling.routing import read_counts, routing_metrics
+from drop_upcycling.routing import routing_metrics
+from drop_upcycling.routing_csv import read_counts
 
 ANALYSIS = Path(__file__).resolve().parents[1] / "analysis"
 RELEASED = RELEASED_COUNTS

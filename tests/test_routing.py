@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +17,8 @@ from conftest import RELEASED_COUNTS as RELEASED
 from drop_upcycling.cli import main
 from drop_upcycling.errors import UserError
 from drop_upcycling.plotstyle import method_key, method_label, method_style, parse_formats
-from drop_upcycling.routing import (
-    COUNT_COLUMNS,
-    layer_metrics,
-    read_counts,
-    routing_metrics,
-    shared_top_k,
-)
+from drop_upcycling.routing import layer_metrics, routing_metrics, shared_top_k
+from drop_upcycling.routing_csv import COUNT_COLUMNS, read_counts
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +33,7 @@ def test_released_counts_shape(released: pd.DataFrame) -> None:
     assert sorted(released["layer"].unique()) == list(range(24))
     assert sorted(released["expert"].unique()) == list(range(8))
     # Every (model, domain, layer) routed the same number of tokens, twice each (top-2): our default budget.
-    from drop_upcycling.routing import DEFAULT_TOKENS_PER_DOMAIN
+    from drop_upcycling.count_routing import DEFAULT_TOKENS_PER_DOMAIN
 
     totals = released.groupby(["model", "domain", "layer"])["assignments"].sum()
     assert (totals == 2 * DEFAULT_TOKENS_PER_DOMAIN).all()
@@ -161,6 +158,16 @@ def test_analyze_routing_cli_errors(tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "o" / "routing_fig5.png").exists()
 
 
+def test_analysis_half_imports_no_torch() -> None:
+    """Figure 5 and the metrics from released counts need neither torch nor the model code: the
+    analysis module and the counts format it reads import only pandas-level dependencies."""
+    code = ("import sys, drop_upcycling.routing, drop_upcycling.routing_csv; "
+            "sys.exit(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('drop_upcycling.model', "
+            "'drop_upcycling.count_routing'))) or None)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+
+
 # ---------------------------------------------------------------------------- plot style
 def test_method_names() -> None:
     assert method_key("DU-0.5-8x1.5B") == "DU-0.5"
@@ -185,7 +192,7 @@ def test_method_names() -> None:
 def test_counter_by_hand() -> None:
     import torch
 
-    from drop_upcycling.routing import RoutingCounter
+    from drop_upcycling.count_routing import RoutingCounter
 
     counter = RoutingCounter(num_layers=2, num_experts=4, vocab_size=10)
     ids = torch.tensor([[5, 5, 7]])
@@ -241,7 +248,7 @@ def test_count_routing_matches_transformers(tiny_moe_dir: Path) -> None:
     import torch
 
     from drop_upcycling.checkpoint import load_model
-    from drop_upcycling.routing import count_checkpoint
+    from drop_upcycling.count_routing import count_checkpoint
 
     gen = torch.Generator().manual_seed(0)
     # Token ids from a narrow range so that tokens repeat and distinct counts differ from assignments;
@@ -261,7 +268,7 @@ def test_count_routing_refuses_dense(tiny_dense_dir: Path) -> None:
     import torch
 
     from drop_upcycling.checkpoint import load_model
-    from drop_upcycling.routing import count_routing
+    from drop_upcycling.count_routing import count_routing
 
     with pytest.raises(UserError, match="dense model"):
         count_routing(load_model(tiny_dense_dir), [torch.zeros(4, dtype=torch.long)], "d", "c4")
@@ -283,7 +290,7 @@ def test_routing_cli_counts_test_split(small_split: tuple[Path, Path], tiny_moe_
     from tokenizers import Tokenizer
 
     from drop_upcycling.checkpoint import load_model
-    from drop_upcycling.routing import count_checkpoint
+    from drop_upcycling.count_routing import count_checkpoint
 
     _, splits, tok_dir = small_split
     out = tmp_path / "counts"

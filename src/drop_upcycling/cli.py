@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("drop_upcycling.data", "corpus -> JSONL splits -> BPE tokenizer -> datatrove .ds shards (or all: prepare)"),
     "upcycle": ("drop_upcycling.upcycle", "turn a dense Llama checkpoint into a Mixtral MoE (FS, NU, RNU, DU, BTX)"),
     "evaluate": ("drop_upcycling.evaluate", "score checkpoints with lm-evaluation-harness (local offline suite, paper suite)"),
-    "routing": ("drop_upcycling.routing", "count top-k expert choices per domain of a MoE checkpoint (CSV)"),
+    "routing": ("drop_upcycling.count_routing", "count top-k expert choices per domain of a MoE checkpoint (CSV)"),
     "analyze": ("drop_upcycling.analyze", "analyses of finished artifacts: analyze routing (Figure 5) | curves (loss curves)"),
     "report": ("drop_upcycling.report", "the reproduction report of a run directory: figures, tables, findings"),
     "flops": ("drop_upcycling.flops", "parameters and training FLOPs per model; the paper's FLOPs table"),

@@ -3,10 +3,8 @@
 Tasks are data (lm-eval task YAMLs), never code paths of our own:
 
 * ``local``: a fully offline suite generated from the corpus test split as YAML + JSONL in an
-  include dir (:func:`build_local_suite`). Per domain, a perplexity task (``loglikelihood_rolling``:
-  word/byte perplexity, bits per byte) and a multiple-choice cloze (the start of a test document;
-  choices = its true continuation and the continuations of 3 other test documents of the same domain;
-  acc, acc_norm). Built with a fixed seed, so every checkpoint sees the same items.
+  include dir (:mod:`.local_suite`: per domain a perplexity task and a multiple-choice cloze), built
+  once per test split, size and seed and cached.
 * ``paper``: the group ``du_paper`` (``tasks/paper/``): lm-eval 0.4.13's versions of the paper's
   tasks at the paper's shot counts plus our YAMLs for JEMHopQA, NIILC and WMT20 en-ja / ja-en. It
   needs the Hub; offline it stops before loading any model, naming every dataset not in the cache.
@@ -15,6 +13,7 @@ Tasks are data (lm-eval task YAMLs), never code paths of our own:
 
 Writes lm-eval's results JSON per checkpoint (``OUT/<label>.json``) and one tidy CSV for all
 (``OUT/results.csv``: checkpoint, task, metric, value, stderr, n), into a temp dir renamed at the end.
+:func:`evaluate` takes its settings as one :class:`EvalOptions`.
 """
 
 from __future__ import annotations
@@ -23,252 +22,76 @@ import argparse
 import csv
 import difflib
 import functools
-import hashlib
 import io
 import json
 import logging
 import os
-import random
 import re
 import socket
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import yaml
-
-from .checkpoint import TOKENIZER_FILES, CheckpointReader, atomic_dir, write_json
+from .checkpoint import TOKENIZER_FILES, CheckpointReader
 from .errors import UserError
-from .fsio import write_text
+from .fsio import atomic_dir, write_text
+from .local_suite import (
+    LOCAL_GROUP,
+    LOCAL_SIZES,
+    cached_local_suite,
+    is_local_task,
+    resolve_test_dir,
+    wants_local,
+)
+from .run_layout import CHECKPOINTS, LATEST, latest_checkpoint
 
 log = logging.getLogger(__name__)
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 PAPER_DIR = TASKS_DIR / "paper"
 PAPER_GROUP = "du_paper"
-LOCAL_GROUP = "du_local"
-LOCAL_PREFIX = "du_"
 CSV_COLUMNS = ("checkpoint", "task", "metric", "value", "stderr", "n")
-NUM_CHOICES = 4
 # Python packages the paper suite's metric code imports (lm-eval's ja_leaderboard_xlsum: MeCab ROUGE-2).
 PAPER_REQUIREMENTS = {"ja_leaderboard_xlsum": ("fugashi", "unidic_lite", "emoji", "neologdn", "rouge_score")}
 # Metrics that lm-eval tasks fetch from the Hub with ``evaluate.load`` when they aggregate (after all generation).
 HUB_METRICS = {"squadv2": "squad_v2"}
 
 
-# ---------------------------------------------------------------------------- the local suite
+# ---------------------------------------------------------------------------- options
 @dataclass(frozen=True)
-class LocalSize:
-    """How much of the test split the local suite uses, per domain."""
+class EvalOptions:
+    """How :func:`evaluate` scores checkpoints: everything but the checkpoints and the output folder.
 
-    ppl_docs: int  # documents scored by rolling log-likelihood
-    ppl_max_chars: int  # each cut to at most this many characters (at whitespace when there is any)
-    cloze_items: int  # multiple-choice items
-    context_chars: int  # length of the context of an item
-    continuation_chars: int  # length of each choice
-
-
-LOCAL_SIZES: dict[str, LocalSize] = {
-    # Seconds for a tiny model on 2 CPU cores: the tests and CI.
-    "ci": LocalSize(ppl_docs=4, ppl_max_chars=300, cloze_items=8, context_chars=128, continuation_chars=40),
-    # Minutes for a 152M model on a GPU: enough items for differences of a few points to show.
-    # (Contexts of 256 characters: most C4 test documents are shorter than 512.)
-    "default": LocalSize(ppl_docs=200, ppl_max_chars=4000, cloze_items=250, context_chars=256, continuation_chars=64),
-}
-
-
-def _cut(text: str, n: int) -> int:
-    """A cut point <= n: the last whitespace in the second half of the first n characters, else n.
-
-    Cutting at whitespace keeps words whole in English and code (so a choice starts with its space);
-    Japanese has no spaces and is cut at n characters.
+    The defaults are the command line's. The local suite comes from ``local_dir`` when given; else
+    it is built (and cached) at ``size`` with ``seed`` from the test split that ``splits``, ``data``
+    or ``corpus``/``cache_dir`` name (:func:`~.local_suite.resolve_test_dir`), and only when
+    ``suite`` asks for it.
     """
-    if len(text) <= n:
-        return len(text)
-    ws = max(text.rfind(c, n // 2, n) for c in (" ", "\n", "\t"))
-    return ws if ws > 0 else n
+
+    suite: str = "local"  # local, paper, or comma-separated lm-eval task/group names
+    tokenizer: str | Path | None = None  # for checkpoints without tokenizer files
+    limit: int | float | None = None  # documents per task: a count, or a fraction if < 1
+    seed: int = 0  # the local suite's items and every lm-eval seed
+    # the local suite
+    size: str = "default"
+    local_dir: str | Path | None = None
+    splits: str | Path | None = None
+    data: str | Path | None = None
+    corpus: str | Path | None = None
+    cache_dir: str | Path | None = None
+    # the model
+    device: str | None = None  # default: cuda when available
+    dtype: str = "float32"
+    batch_size: int | str = 16  # or "auto"
+    threads: int | None = None  # CPU threads; default $OMP_NUM_THREADS or all cores
 
 
-def _read_test_docs(test_dir: Path) -> dict[str, list[dict]]:
-    from .data_pipeline import jsonl_files, split_domains
-
-    if not test_dir.is_dir():
-        raise UserError(f"test split {test_dir} does not exist")
-    docs: dict[str, list[dict]] = {}
-    for domain in split_domains(test_dir):
-        rows = []
-        for path in jsonl_files(test_dir, domain):
-            with open(path, encoding="utf-8") as f:
-                rows += [json.loads(line) for line in f if line.strip()]
-        if rows:
-            docs[domain] = rows
-    if not docs:
-        raise UserError(f"test split {test_dir} holds no <domain>.jsonl documents")
-    return docs
-
-
-def perplexity_items(docs: Sequence[dict], size: LocalSize, rng: random.Random) -> list[dict]:
-    """``size.ppl_docs`` documents drawn with ``rng``, each cut to ``size.ppl_max_chars``."""
-    picked = rng.sample(list(docs), min(size.ppl_docs, len(docs)))
-    return [{"id": d["id"], "text": d["text"][: _cut(d["text"], size.ppl_max_chars)]} for d in picked]
-
-
-def cloze_items(docs: Sequence[dict], size: LocalSize, rng: random.Random, domain: str) -> list[dict]:
-    """Multiple-choice items: context = a document's start, choices = its and 3 other documents' continuations.
-
-    Every choice is cut the same way from the same offset of a document of the same domain, so
-    length and form do not give the answer away; only the fit to the context does.
-    """
-    spans = []
-    for d in docs:
-        text = d["text"]
-        c = _cut(text, size.context_chars)
-        if c < size.context_chars // 2 or len(text) < c + size.continuation_chars:
-            continue
-        end = c + _cut(text[c:], size.continuation_chars)
-        cont = text[c:end]
-        if cont.strip():
-            spans.append((d["id"], text[:c], cont))
-    # Distractors come from distinct continuations: boilerplate (licence headers, templates) repeats
-    # across documents, and two equal choices would make an item unanswerable.
-    first_of = {}
-    for j, span in enumerate(spans):
-        first_of.setdefault(span[2], j)
-    if len(first_of) < NUM_CHOICES:
-        raise UserError(
-            f"domain {domain}: only {len(first_of)} distinct test documents are long enough for the cloze task "
-            f"(need {NUM_CHOICES} of >= {size.context_chars + size.continuation_chars} characters)"
-        )
-    distinct = sorted(first_of.values())
-    order = rng.sample(range(len(spans)), min(size.cloze_items, len(spans)))
-    items = []
-    for i in order:
-        others = rng.sample([j for j in distinct if spans[j][2] != spans[i][2]], NUM_CHOICES - 1)
-        gold = rng.randrange(NUM_CHOICES)
-        choices = [spans[j][2] for j in others]
-        choices.insert(gold, spans[i][2])
-        items.append({"id": spans[i][0], "context": spans[i][1], "choices": choices, "gold": gold})
-    return items
-
-
-def _json_task(task: str, data: Path, cache: Path) -> dict:
-    """The part every local task shares: a JSONL test split read by the ``json`` dataset builder."""
-    return {
-        "task": task,
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(data)}, "cache_dir": str(cache)},
-        "test_split": "test",
-    }
-
-
-def _perplexity_yaml(task: str, data: Path, cache: Path, meta: dict) -> dict:
-    return {
-        **_json_task(task, data, cache),
-        "output_type": "loglikelihood_rolling",
-        "doc_to_text": "",
-        "doc_to_target": "text",
-        "metric_list": [{"metric": m, "aggregation": agg, "higher_is_better": False} for m, agg in (
-            ("word_perplexity", "weighted_perplexity"), ("byte_perplexity", "weighted_perplexity"),
-            ("bits_per_byte", "bits_per_byte"))],
-        "metadata": meta,
-    }
-
-
-def _cloze_yaml(task: str, data: Path, cache: Path, meta: dict) -> dict:
-    return {
-        **_json_task(task, data, cache),
-        "output_type": "multiple_choice",
-        "doc_to_text": "context",
-        "doc_to_choice": "choices",
-        "doc_to_target": "gold",
-        # The choices carry their own leading whitespace: context + choice is the original text.
-        "target_delimiter": "",
-        "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")],
-        "metadata": meta,
-    }
-
-
-def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def _dump_yaml(path: Path, data: dict) -> None:
-    path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
-
-
-def local_task_names(domains: Iterable[str]) -> list[str]:
-    return [f"{LOCAL_PREFIX}{kind}_{d}" for kind in ("ppl", "cloze") for d in domains]
-
-
-def build_local_suite(test_dir: str | Path, out_dir: str | Path, size: str = "default", seed: int = 0,
-                      overwrite: bool = False) -> Path:
-    """Generate the local suite (YAMLs + JSONL + group ``du_local``) from a test split into ``out_dir``.
-
-    The task YAMLs hold absolute ``data_files`` paths, so the folder is used where it was written
-    (it is cheap to regenerate). A finished folder with the same inputs and options is reused.
-    """
-    if size not in LOCAL_SIZES:
-        raise UserError(f"unknown local suite size {size!r}; choose one of {', '.join(LOCAL_SIZES)}")
-    test_dir, out_dir = Path(test_dir).resolve(), Path(out_dir).resolve()
-    docs = _read_test_docs(test_dir)
-    spec = {"test_dir": str(test_dir), "size": size, "seed": seed, **asdict(LOCAL_SIZES[size]),
-            "documents": {d: len(v) for d, v in docs.items()}, "version": 1}
-    manifest = out_dir / "suite.json"
-    if not overwrite and manifest.is_file() and json.loads(manifest.read_text()) == spec:
-        log.info("reusing local suite %s", out_dir)
-        return out_dir
-    cfg = LOCAL_SIZES[size]
-    meta = {"version": 1.0, "size": size, "seed": seed}
-    with atomic_dir(out_dir, overwrite=True) as tmp:
-        # Paths inside the YAMLs must name the final location, not the temp dir.
-        for domain, rows in docs.items():
-            rng = random.Random(f"du-local-{seed}-{domain}")
-            for kind, items, make in (("ppl", perplexity_items(rows, cfg, rng), _perplexity_yaml),
-                                      ("cloze", cloze_items(rows, cfg, rng, domain), _cloze_yaml)):
-                task = f"{LOCAL_PREFIX}{kind}_{domain}"
-                _write_jsonl(tmp / f"{task}.jsonl", items)
-                _dump_yaml(tmp / f"{task}.yaml", make(task, out_dir / f"{task}.jsonl", out_dir / ".hf_cache", meta))
-        _dump_yaml(tmp / f"{LOCAL_GROUP}.yaml",
-                   {"group": LOCAL_GROUP, "task": local_task_names(docs), "metadata": {"version": 1.0}})
-        write_json(tmp / "suite.json", spec)
-    log.info("local suite (%s, seed %d) written to %s", size, seed, out_dir)
-    return out_dir
-
-
-def resolve_test_dir(*, splits: str | Path | None = None, data: str | Path | None = None,
-                   corpus: str | Path | None = None, cache_dir: str | Path | None = None,
-                   vocab_size: int = 8192) -> Path:
-    """Where the test documents come from, as in ``routing``: ``splits`` (a folder of ``<domain>.jsonl``
-    or one holding ``test/``), else ``data`` (a prepared data dir), else the project's prepared data
-    (:func:`drop_upcycling.data.prepare_all`, built once and cached; ``vocab_size`` as training uses it).
-    """
-    from . import data as data_mod
-
-    if splits is not None:
-        splits = Path(splits)
-        return splits / "test" if (splits / "test").is_dir() else splits
-    prepared = (data_mod.PreparedData.load(data) if data is not None
-                else data_mod.prepare_all(corpus=corpus, cache_dir=cache_dir, vocab_size=vocab_size))
-    return Path(prepared.splits_dir) / "test"
-
-
-def cached_local_suite(test_dir: Path, size: str, seed: int = 0) -> Path:
-    """The local suite for ``test_dir`` in the package cache (``$DROP_UPCYCLING_CACHE/lm_eval_local``)."""
-    from .data_pipeline import cache_root
-
-    key = hashlib.sha256(f"{Path(test_dir).resolve()}\x00{size}\x00{seed}".encode()).hexdigest()[:16]
-    return build_local_suite(test_dir, cache_root() / "lm_eval_local" / f"{size}-seed{seed}-{key}", size, seed)
-
-
+# ---------------------------------------------------------------------------- checkpoints of runs
 def run_checkpoints(runs: str | Path) -> list[Path]:
     """The latest checkpoint of every training run under ``runs`` (a run is a dir with ``checkpoints/latest``)."""
-    from .train import CHECKPOINTS, LATEST, latest_checkpoint
-
     runs = Path(runs)
     if not runs.is_dir():
         raise UserError(f"--runs {runs} is not a directory")
@@ -306,19 +129,10 @@ def plan_tasks(suite: str, local_dir: Path | None) -> TaskPlan:
     names = [t.strip() for t in suite.split(",") if t.strip()]
     if not names:
         raise UserError("--suite is empty: give local, paper or a comma-separated list of lm-eval tasks")
-    if local_dir is not None and all(_is_local(n) for n in names):
+    if local_dir is not None and all(is_local_task(n) for n in names):
         return TaskPlan(names, [local_dir], include_defaults=False)
     paths = [PAPER_DIR] + ([local_dir] if local_dir is not None else [])
     return TaskPlan(names, paths, include_defaults=True)
-
-
-def _is_local(name: str) -> bool:
-    return name == LOCAL_GROUP or name.startswith((f"{LOCAL_PREFIX}ppl_", f"{LOCAL_PREFIX}cloze_"))
-
-
-def wants_local(suite: str) -> bool:
-    """Whether ``suite`` names the local suite or any of its tasks (so it has to be built)."""
-    return any(n.strip() == "local" or _is_local(n.strip()) for n in suite.split(","))
 
 
 @functools.lru_cache(maxsize=4)
@@ -570,67 +384,96 @@ def _results_json(results: dict) -> str:
     return json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False)
 
 
-def evaluate(checkpoints: Sequence[str | Path], suite: str, out: str | Path, *, tokenizer: str | Path | None = None,
-             limit: int | float | None = None, size: str = "default", local_dir: str | Path | None = None,
-             splits: str | Path | None = None, data: str | Path | None = None, corpus: str | Path | None = None,
-             cache_dir: str | Path | None = None, seed: int = 0, device: str | None = None, dtype: str = "float32",
-             batch_size: int | str = 16, threads: int | None = None, overwrite: bool = False) -> Path:
-    """Evaluate every checkpoint on ``suite``; write ``OUT/<label>.json`` and ``OUT/results.csv``. Returns OUT.
+def evaluate(checkpoints: Sequence[str | Path], out: str | Path, opts: EvalOptions, *,
+             overwrite: bool = False) -> Path:
+    """Evaluate every checkpoint on ``opts.suite``; write ``OUT/<label>.json`` and ``OUT/results.csv``. Returns OUT.
 
     Every check that can fail (device, paths, tokenizers, task names, offline datasets, packages)
-    runs before the first model is loaded.
+    runs before the first model is loaded: a missing dataset found after the first checkpoint's
+    hour of scoring would cost that hour, and would leave nothing behind (OUT appears only whole).
     """
     from .parallel import resolve_device
 
-    device = resolve_device(device)
+    device = resolve_device(opts.device)
     if not checkpoints:
         raise UserError("no checkpoint given")
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists (pass --overwrite to replace it)")
+    tok = _tokenizer_override(opts.tokenizer)
+    paths = [check_checkpoint(c, tok) for c in checkpoints]
+    labels = checkpoint_labels(paths)
+    local = _local_suite(opts, paths[0])
+    plan = plan_tasks(opts.suite, local)
+    tm = task_manager(plan)
+    _check_runnable(tm, plan.names)
+
+    if device == "cpu":
+        log.info("using %d CPU threads", set_threads(opts.threads))
+    all_rows: list[dict] = []
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        for path, label in zip(paths, labels, strict=True):
+            all_rows += _evaluate_one(path, label, tmp, tm, plan, opts, device=device, tokenizer=tok, local=local)
+        write_csv(tmp / "results.csv", all_rows)
+    print(format_table(all_rows))
+    return out
+
+
+def _tokenizer_override(tokenizer: str | Path | None) -> Path | None:
+    """``--tokenizer`` as a path, checked to hold a tokenizer, or None (each checkpoint's own)."""
     tok = Path(tokenizer) if tokenizer is not None else None
     if tok is not None and not _has_tokenizer(tok):
         raise UserError(f"--tokenizer {tok} holds no tokenizer (tokenizer.json + tokenizer_config.json)")
-    paths = [check_checkpoint(c, tok) for c in checkpoints]
-    labels = checkpoint_labels(paths)
+    return tok
 
-    local = None
-    if local_dir is not None:
-        local = Path(local_dir)
+
+def _local_suite(opts: EvalOptions, first_checkpoint: Path) -> Path | None:
+    """The local suite folder: ``opts.local_dir`` (checked), else built and cached when the suite names
+    local tasks, else None.
+
+    When the test split has to come from prepared data, the data is prepared with the first
+    checkpoint's vocabulary size: that is how training prepared it, so the cached data is reused
+    instead of tokenizing the corpus again for a vocabulary nobody trained with.
+    """
+    if opts.local_dir is not None:
+        local = Path(opts.local_dir)
         if not (local / f"{LOCAL_GROUP}.yaml").is_file():
             raise UserError(f"{local} is not a local suite folder (no {LOCAL_GROUP}.yaml)")
-    elif wants_local(suite):
-        vocab = CheckpointReader(paths[0]).config.vocab_size
-        test_dir = resolve_test_dir(splits=splits, data=data, corpus=corpus, cache_dir=cache_dir, vocab_size=vocab)
-        local = cached_local_suite(test_dir, size, seed)
-    plan = plan_tasks(suite, local)
-    tm = task_manager(plan)
-    leaves = leaf_tasks(tm, plan.names)
+        return local
+    if not wants_local(opts.suite):
+        return None
+    vocab = CheckpointReader(first_checkpoint).config.vocab_size
+    test_dir = resolve_test_dir(splits=opts.splits, data=opts.data, corpus=opts.corpus, cache_dir=opts.cache_dir,
+                                vocab_size=vocab)
+    return cached_local_suite(test_dir, opts.size, opts.seed)
+
+
+def _check_runnable(tm, names: Sequence[str]) -> None:
+    """Every task under ``names`` can run to the end: offline, its Hub datasets and metrics are cached
+    (lm-eval would otherwise fail only when it reaches them); its metric packages are installed."""
+    leaves = leaf_tasks(tm, names)
     hub = task_datasets(tm, leaves)
     if (hub or any(t in HUB_METRICS for t in leaves)) and hub_offline():
         force_offline()
         check_datasets_cached(hub, leaves)
     check_requirements(leaves)
 
-    if device == "cpu":
-        log.info("using %d CPU threads", set_threads(threads))
-    all_rows: list[dict] = []
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        for path, label in zip(paths, labels, strict=True):
-            t0 = time.perf_counter()
-            log.info("evaluating %s on %s", path, ", ".join(plan.names))
-            results = evaluate_checkpoint(path, tm, plan.names, tokenizer=tok, device=device, dtype=dtype,
-                                          batch_size=batch_size, limit=limit, seed=seed)
-            results["drop_upcycling"] = {"checkpoint": str(path.resolve()), "label": label, "suite": suite,
-                                         "local_suite": str(local) if local else None,
-                                         "seconds": time.perf_counter() - t0}
-            (tmp / f"{label}.json").write_text(_results_json(results))
-            rows = results_rows(label, results)
-            all_rows += rows
-            log.info("%s: %d metrics in %.1f s", label, len(rows), time.perf_counter() - t0)
-        write_csv(tmp / "results.csv", all_rows)
-    print(format_table(all_rows))
-    return out
+
+def _evaluate_one(path: Path, label: str, tmp: Path, tm, plan: TaskPlan, opts: EvalOptions, *, device: str,
+                  tokenizer: Path | None, local: Path | None) -> list[dict]:
+    """Score one checkpoint; write ``tmp/<label>.json`` (lm-eval's results plus where they came from);
+    return its rows of ``results.csv``."""
+    t0 = time.perf_counter()
+    log.info("evaluating %s on %s", path, ", ".join(plan.names))
+    results = evaluate_checkpoint(path, tm, plan.names, tokenizer=tokenizer, device=device, dtype=opts.dtype,
+                                  batch_size=opts.batch_size, limit=opts.limit, seed=opts.seed)
+    results["drop_upcycling"] = {"checkpoint": str(path.resolve()), "label": label, "suite": opts.suite,
+                                 "local_suite": str(local) if local else None,
+                                 "seconds": time.perf_counter() - t0}
+    (tmp / f"{label}.json").write_text(_results_json(results))
+    rows = results_rows(label, results)
+    log.info("%s: %d metrics in %.1f s", label, len(rows), time.perf_counter() - t0)
+    return rows
 
 
 def format_table(rows: Sequence[dict]) -> str:
@@ -669,21 +512,27 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    opts = options_from_args(args)
+    ckpts = list(args.checkpoints) + (run_checkpoints(args.runs) if args.runs else [])
+    if not ckpts:
+        raise UserError("no checkpoint given: pass CKPT dirs or --runs DIR")
+    out = evaluate(ckpts, args.out, opts, overwrite=args.overwrite)
+    print(f"results: {out / 'results.csv'}")
+    return 0
+
+
+def options_from_args(args: argparse.Namespace) -> EvalOptions:
+    """The command line's options, with ``--limit`` and ``--batch-size`` parsed and checked."""
     limit = args.limit
     if limit is not None:
         if limit <= 0:
             raise UserError(f"--limit must be > 0, got {limit}")
         limit = int(limit) if limit >= 1 else limit
     batch = args.batch_size if args.batch_size == "auto" else _positive_int("--batch-size", args.batch_size)
-    ckpts = list(args.checkpoints) + (run_checkpoints(args.runs) if args.runs else [])
-    if not ckpts:
-        raise UserError("no checkpoint given: pass CKPT dirs or --runs DIR")
-    out = evaluate(ckpts, args.suite, args.out, tokenizer=args.tokenizer, limit=limit, size=args.size,
-                   local_dir=args.local_dir, splits=args.splits, data=args.data, corpus=args.corpus,
-                   cache_dir=args.cache_dir, seed=args.seed, device=args.device, dtype=args.dtype,
-                   batch_size=batch, threads=args.threads, overwrite=args.overwrite)
-    print(f"results: {out / 'results.csv'}")
-    return 0
+    return EvalOptions(suite=args.suite, tokenizer=args.tokenizer, limit=limit, seed=args.seed, size=args.size,
+                       local_dir=args.local_dir, splits=args.splits, data=args.data, corpus=args.corpus,
+                       cache_dir=args.cache_dir, device=args.device, dtype=args.dtype, batch_size=batch,
+                       threads=args.threads)
 
 
 def _positive_int(flag: str, value: str) -> int:

@@ -19,8 +19,10 @@ import yaml
 from drop_upcycling.checkpoint import load_model
 from drop_upcycling.configs import TrainConfig
 from drop_upcycling.errors import UserError
+from drop_upcycling.methods import MOE_METHODS
 from drop_upcycling.model import CausalLM
 from drop_upcycling.parallel import free_port
+from drop_upcycling.recipes import resolve, write
 from drop_upcycling.train import configure_parser, lr_at, plan
 from drop_upcycling.train import run as train_run
 
@@ -202,9 +204,12 @@ def test_paper_plan_8x152m() -> None:
     assert p["grad_accum"] == 16
 
 
-def test_every_recipe_loads_and_plans() -> None:
-    """Each paper recipe parses, its layout fits its nodes, and its step count is FACTS.md §4's."""
+def test_every_recipe_loads_and_plans(tmp_path: Path) -> None:
+    """Each paper recipe parses, its layout fits its nodes, and its step count is FACTS.md §4's. The MoE
+    recipes are a size's base YAML merged with each method's overlay (drop_upcycling.recipes)."""
     configs = sorted((REPO / "recipes" / "configs").glob("*.yaml"))
+    configs += [write(resolve(REPO / "recipes" / "configs" / f"{size}.yaml", m.slug), tmp_path)
+                for size in ("8x152m", "8x1.5b", "8x3.7b") for m in MOE_METHODS]
     names = {c.stem for c in configs}
     for size in ("8x152m", "8x1.5b", "8x3.7b"):
         assert {f"{size}_{m}" for m in ("fs", "nu", "rnu0.5", "du0.5", "du1.0", "btx")} <= names

@@ -37,12 +37,11 @@ import pandas as pd
 from .configs import load_json
 from .errors import UserError
 from .fsio import write_text
+from .methods import order_methods  # the paper's order for tables and legends, from the method table
 
 log = logging.getLogger(__name__)
 
 REQUIRED_KEYS = ("step", "tokens", "lm_loss")
-# The paper's method order for tables and legends; anything else follows alphabetically.
-METHOD_ORDER = ["dense", "FS", "NU", "RNU-0.5", "BTX", "DU-0.5", "DU-1.0"]
 
 
 # ============================================================================ reading runs
@@ -100,11 +99,11 @@ def read_run(path: str | Path) -> Run:
     """A run directory (``metrics.jsonl`` + ``run.json``) -> :class:`Run`.
 
     The method comes from ``run.json``'s ``run.method``, else from the folder name
-    (:func:`drop_upcycling.plotstyle.method_key`); FLOPs per token from its model config.
+    (:func:`drop_upcycling.methods.method_key`); FLOPs per token from its model config.
     """
     from .configs import ModelConfig
     from .flops import training_flops_per_token
-    from .plotstyle import method_key
+    from .methods import method_key
 
     path = Path(path)
     if not path.is_dir():
@@ -146,11 +145,6 @@ def read_runs(paths: Sequence[str | Path], dense: str | Path | None = None) -> l
             raise UserError(f"runs {seen[key]} and {r.path} have the same method {r.method} and seed {r.seed}")
         seen[key] = str(r.path)
     return runs
-
-
-def order_methods(methods: Sequence[str]) -> list[str]:
-    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
-    return sorted(dict.fromkeys(methods), key=lambda m: (rank.get(m, len(rank)), m))
 
 
 # ============================================================================ numbers

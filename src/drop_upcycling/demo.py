@@ -16,16 +16,13 @@ import torch
 
 from .checkpoint import atomic_dir, load_model, save_model
 from .configs import get_model_config
+from .methods import BY_KEY, MOE_METHODS
 from .model import CausalLM, keyed_generator
 from .upcycle import UpcycleOptions, upcycle
 
+# Every MoE method of the table, in its order.
 VARIANTS: dict[str, UpcycleOptions] = {
-    "FS": UpcycleOptions(method="scratch", ratio=0.0),
-    "NU": UpcycleOptions(method="naive", ratio=0.0),
-    "RNU-0.5": UpcycleOptions(method="noise", ratio=0.5),
-    "DU-0.5": UpcycleOptions(method="drop", ratio=0.5),
-    "DU-1.0": UpcycleOptions(method="drop", ratio=1.0),
-    "BTX": UpcycleOptions(method="btx", ratio=0.0),
+    m.key: UpcycleOptions(method=str(m.upcycle), ratio=m.ratio or 0.0) for m in MOE_METHODS
 }
 
 
@@ -69,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         for label, base in VARIANTS.items():
             opts = UpcycleOptions(**{**base.__dict__, "num_experts": args.num_experts, "seed": args.seed})
             out = tmp / label
-            if opts.method == "btx":
+            if BY_KEY[label].branches:  # BTX: from the seed and its three stand-in branches
                 upcycle(None, out, opts, sources=sources, progress=False)
             else:
                 upcycle(dense_dir, out, opts, progress=False)

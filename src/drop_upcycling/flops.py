@@ -33,6 +33,7 @@ from pathlib import Path
 
 from .configs import MODEL_CONFIGS, ModelConfig, get_model_config, load_yaml, model_config_from_mapping
 from .errors import UserError
+from .methods import MOE_METHODS, lookup
 
 ROW_FIELDS = ["model", "total_params", "active_params", "flops_per_token_6n", "flops_per_token_full", "seq_len"]
 
@@ -95,7 +96,8 @@ class TrainingPlan:
 
     dense_tokens: float = 1.0e12
     moe_tokens: float = 5.0e11
-    methods: list[str] = field(default_factory=lambda: ["FS", "NU", "RNU-0.5", "DU-0.5", "DU-1.0"])
+    # The table's MoE methods but BTX, whose domain branches' budget the plan does not model.
+    methods: list[str] = field(default_factory=lambda: [m.key for m in MOE_METHODS if not m.branches])
     moe_models: list[str] = field(default_factory=lambda: ["moe-8x152m", "moe-8x1.5b", "moe-8x3.7b"])
     headline_moe: str = "moe-8x3.7b"
     headline_method: str = "DU-0.5"
@@ -132,7 +134,8 @@ def _dense_seed(moe: ModelConfig) -> ModelConfig:
 def plan_table(plan: TrainingPlan | None = None, causal: bool = False) -> list[dict]:
     """Table-1-style rows: per MoE size and method, the tokens and training FLOPs of each phase.
 
-    Upcycled methods (everything but FS) add the dense seed's pre-training to the MoE training.
+    Upcycled methods (everything but FS: the method table's ``from_dense``) add the dense seed's
+    pre-training to the MoE training.
     The dense seeds and the reference are rows of their own (method ``dense``).
     """
     plan = plan or TrainingPlan()
@@ -146,7 +149,8 @@ def plan_table(plan: TrainingPlan | None = None, causal: bool = False) -> list[d
         m_row = flops_row(moe, plan.seq_len, causal)
         rows.append(_plan_row(dense.name, "dense", d_row, plan.dense_tokens, None, 0.0))
         for method in plan.methods:
-            seed_tokens = 0.0 if method == "FS" else plan.dense_tokens
+            row_m = lookup(method)
+            seed_tokens = 0.0 if row_m is not None and not row_m.from_dense else plan.dense_tokens
             rows.append(_plan_row(moe.name, method, m_row, plan.moe_tokens, d_row, seed_tokens))
     ref = get_model_config(plan.reference)
     rows.append(_plan_row(ref.name, "dense", flops_row(ref, plan.seq_len, causal), plan.reference_tokens, None, 0.0))

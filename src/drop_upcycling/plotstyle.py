@@ -6,12 +6,13 @@ palette is Okabe-Ito (Okabe & Ito 2008, "Color Universal Design"), each method a
 line style and marker, and labels say what the axis measures and in which unit.
 
 Method keys are the short names used in run and model names ("NU", "DU-0.5", "RNU-0.5", "FS",
-"BTX", "dense"); :func:`method_key` extracts them from names such as ``DU-0.5-8x1.5B``.
+"BTX", "dense"); :func:`method_key` extracts them from names such as ``DU-0.5-8x1.5B``. A method's
+label, colour (by name in :data:`OKABE_ITO`), line style and marker are columns of the method table,
+:data:`drop_upcycling.methods.METHODS`; this module turns them into :class:`Style`.
 """
 
 from __future__ import annotations
 
-import re
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -20,8 +21,10 @@ from pathlib import Path
 import matplotlib
 import matplotlib.pyplot as plt
 
+from . import methods
 from .errors import UserError
 from .fsio import atomic_file
+from .methods import method_key  # importable from here too, as before
 
 # Okabe-Ito: distinguishable under the common colour-vision deficiencies. Yellow (#F0E442) is
 # left out: it is unreadable on white.
@@ -49,15 +52,10 @@ class Style:
     marker: str = "o"
 
 
-# Fixed methods of the paper. DU-r and RNU-r for other ratios are derived in :func:`method_style`.
-METHODS: dict[str, Style] = {
-    "dense": Style("dense", OKABE_ITO["black"], "--", "s"),
-    "FS": Style("from scratch (FS)", OKABE_ITO["orange"], "-", "v"),
-    "NU": Style("naive upcycling (NU)", OKABE_ITO["sky_blue"], "-", "o"),
-    "RNU-0.5": Style("noise upcycling (RNU-0.5)", OKABE_ITO["bluish_green"], "-.", "D"),
-    "DU-0.5": Style("Drop-Upcycling r=0.5 (DU-0.5)", OKABE_ITO["vermillion"], "-", "^"),
-    "DU-1.0": Style("Drop-Upcycling r=1.0 (DU-1.0)", OKABE_ITO["reddish_purple"], ":", "P"),
-    "BTX": Style("Branch-Train-MiX (BTX)", OKABE_ITO["blue"], (0, (5, 1)), "X"),  # type: ignore[arg-type]
+# The methods of the table; DU-r and RNU-r for other ratios are derived in :func:`method_style`.
+METHOD_STYLES: dict[str, Style] = {
+    m.key: Style(m.label, OKABE_ITO[m.color], m.linestyle, m.marker)  # type: ignore[arg-type]
+    for m in methods.METHODS
 }
 
 # The routing-analysis domains (FACTS.md §6), in the paper's order.
@@ -70,42 +68,26 @@ DOMAINS: dict[str, Style] = {
 }
 
 _EXTRA_COLORS = [OKABE_ITO[k] for k in ("grey", "reddish_purple", "blue", "orange", "bluish_green")]
-_RATIO_METHOD = re.compile(r"^(DU|RNU)-(\d+(?:\.\d+)?)")
-# Also the label slugs of the smoke recipe: ``du0.5-s1`` is DU-0.5, ``rnu0.5`` is RNU-0.5.
-_KEY = re.compile(r"^(dense|FS|NU|BTX|(?:DU|RNU)-?\d+(?:\.\d+)?)(?=$|[-_ ])", re.IGNORECASE)
-
-
-def method_key(name: str) -> str:
-    """The method part of a model or run name: ``DU-0.5-8x1.5B`` and ``du0.5-s1`` -> ``DU-0.5``;
-    unknown names unchanged."""
-    m = _KEY.match(name)
-    if m is None:
-        return name
-    key = m.group(1)
-    return "dense" if key.lower() == "dense" else re.sub(r"^(DU|RNU)(?=\d)", r"\1-", key.upper())
 
 
 def method_style(name: str) -> Style:
     """Label, colour, line style and marker of a method key or model name (unknown names get grey)."""
     key = method_key(name)
-    if key in METHODS:
-        return METHODS[key]
-    m = _RATIO_METHOD.match(key)
-    if m is not None:
-        kind, ratio = m.group(1), m.group(2)
-        base = "Drop-Upcycling" if kind == "DU" else "noise upcycling"
-        ref = METHODS["DU-0.5" if kind == "DU" else "RNU-0.5"]
-        return Style(f"{base} r={ratio} ({key})", _EXTRA_COLORS[zlib.crc32(key.encode()) % len(_EXTRA_COLORS)],
+    if key in METHOD_STYLES:
+        return METHOD_STYLES[key]
+    family = methods.ratio_family(key)
+    if family is not None:
+        row, ratio = family
+        ref = METHOD_STYLES[row.key]
+        return Style(f"{row.family} r={ratio} ({key})", _EXTRA_COLORS[zlib.crc32(key.encode()) % len(_EXTRA_COLORS)],
                      ref.linestyle, ref.marker)
     return Style(name, OKABE_ITO["grey"], "-", "o")
 
 
 def method_label(name: str) -> str:
     """Both names of a method, e.g. ``naive upcycling (NU)``; a model name keeps its size suffix."""
-    key = method_key(name)
+    key, rest = methods.split_name(name)
     label = method_style(key).label
-    m = _KEY.match(name)
-    rest = name[m.end():].lstrip("-_ ") if m is not None else ""
     return f"{label}, {rest}" if rest and key != name else label
 
 

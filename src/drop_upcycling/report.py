@@ -5,29 +5,9 @@ Reads the files a reproduction leaves behind (never imports the trainer) and wri
 from the numbers), ``DIR/findings.json`` (the same verdicts, machine-readable) and the figures and
 CSV tables it shows.
 
-Layout contract of ``RUN_DIR`` (what the smoke recipe writes; only ``runs/`` is required)::
-
-    RUN_DIR/
-      runs/<name>/metrics.jsonl, run.json  every run of the comparison, one folder each (drop-upcycling
-                                           train --out): the MoE runs (run.method FS, NU, RNU-0.5, DU-0.5,
-                                           DU-1.0, BTX; seeds = more folders with another run.seed) and the
-                                           dense reference (run.method dense): the pre-trained dense model
-                                           continued for the same budget with the same seed, data,
-                                           batch and world size as the MoE runs, so its first logged
-                                           step is the dense model's loss on the MoEs' first batch.
-                                           The method is run.method, else the folder name (NU-s1 -> NU).
-      pretrain/[<name>/]metrics.jsonl      optional: the dense pre-training, run.json beside it (its cost =
-                                           the seed cost of every upcycled method)
-      btx_branches/<domain>/metrics.jsonl  optional: BTX's domain branches (their cost joins BTX's seed cost)
-      checks/first_batch.json              optional: {"losses": {"<seed>": {"dense-final": x, ...}}}, the
-                                           pre-trained dense model's LM loss on the first global batch of the
-                                           runs of each seed (an evaluation pass); preferred for finding (a)
-      eval/results.csv                     optional: drop-upcycling evaluate (checkpoint, task, metric,
-                                           value, stderr, n); a checkpoint's method is its label's prefix
-      routing/<name>/routing_counts.csv    optional: drop-upcycling routing, one folder per model
-                                           (or routing/*.csv); the model column's prefix is the method
-      provenance.json, smoke.json          optional: anything the recipe records (scale, runs, stage times)
-      *.yaml, configs/**                   optional: config files, listed with their sha256
+Layout of ``RUN_DIR``: the contract in :mod:`drop_upcycling.repro_layout` (what the smoke recipe
+writes; only ``runs/`` is required). :func:`discover` finds its parts through
+:class:`~drop_upcycling.repro_layout.ReproLayout`, the same names the smoke recipe writes with.
 
 Findings (each ``reproduced`` is true, false, or null when the inputs to test it are missing):
 
@@ -61,6 +41,9 @@ import pandas as pd
 from .configs import load_json
 from .data_pipeline import sha256_file
 from .errors import UserError
+from .methods import DENSE, lookup, order_methods
+from .methods import rank as method_rank
+from .repro_layout import METRICS, RECORDS, ROUTING_COUNTS, ReproLayout
 
 log = logging.getLogger(__name__)
 
@@ -95,27 +78,26 @@ class RunDir:
 
 
 def discover(root: str | Path) -> RunDir:
-    """Find the parts of the layout contract (module docstring) under ``root``."""
+    """Find the parts of the layout contract (:mod:`drop_upcycling.repro_layout`) under ``root``."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root} is not a directory")
-    runs = root / "runs"
-    run_dirs = sorted(p for p in runs.iterdir() if p.is_dir() and not p.name.startswith(".")) if runs.is_dir() else []
+    at = ReproLayout(root)
+    run_dirs = sorted(p for p in at.runs.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+        if at.runs.is_dir() else []
     if not run_dirs:
         raise UserError(f"{root} has no runs/<name>/ folders (metrics.jsonl + run.json of each training run)")
-    pretrain_logs = sorted((root / "pretrain").glob("metrics.jsonl")) or sorted((root / "pretrain").glob("*/metrics.jsonl"))
+    pretrain_logs = sorted(at.pretrain.glob(METRICS)) or sorted(at.pretrain.glob(f"*/{METRICS}"))
     if len(pretrain_logs) > 1:
-        raise UserError(f"{root / 'pretrain'} holds several runs ({len(pretrain_logs)}); expected one dense pre-training")
+        raise UserError(f"{at.pretrain} holds several runs ({len(pretrain_logs)}); expected one dense pre-training")
     pretrain = pretrain_logs[0].parent if pretrain_logs else None
-    branches = sorted(p.parent for p in (root / "btx_branches").glob("*/metrics.jsonl"))
-    eval_csv = root / "eval" / "results.csv" if (root / "eval" / "results.csv").is_file() else None
-    routing = sorted((root / "routing").glob("*/routing_counts.csv")) + sorted((root / "routing").glob("*.csv"))
-    provenance = {name: load_json(root / name) for name in ("provenance.json", "smoke.json")
-                  if (root / name).is_file()}
-    first_batch = read_first_batch(root / "checks" / "first_batch.json") \
-        if (root / "checks" / "first_batch.json").is_file() else None
+    branches = sorted(p.parent for p in at.branches.glob(f"*/{METRICS}"))
+    eval_csv = at.eval_csv if at.eval_csv.is_file() else None
+    routing = sorted(at.routing.glob(f"*/{ROUTING_COUNTS}")) + sorted(at.routing.glob("*.csv"))
+    provenance = {name: load_json(root / name) for name in RECORDS if (root / name).is_file()}
+    first_batch = read_first_batch(at.first_batch) if at.first_batch.is_file() else None
     configs = sorted([*root.glob("*.yaml"), *root.glob("*.yml"),
-                      *(p for p in (root / "configs").rglob("*") if p.is_file())])
+                      *(p for p in at.configs.rglob("*") if p.is_file())])
     return RunDir(root, run_dirs, pretrain, branches, eval_csv, routing, provenance, configs, first_batch)
 
 
@@ -278,7 +260,6 @@ def findings(runs: list, final: pd.DataFrame, routing_metrics: pd.DataFrame | No
 # ============================================================================ tables
 def eval_tables(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(every metric pivoted checkpoint x task/metric, one primary metric per task for the README)."""
-    from .curves import METHOD_ORDER
     from .plotstyle import method_key, method_label
 
     try:
@@ -299,19 +280,16 @@ def eval_tables(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     primary = primary.assign(column=primary["task"].astype(str) + " (" + primary["metric"].astype(str) + ")")
     short = primary.pivot_table(index="checkpoint", columns="column", values="value", aggfunc="first")
     short.insert(0, "method", [method_label(c.split("__")[0]) for c in short.index])
-    rank_m = {m: i for i, m in enumerate(METHOD_ORDER)}
-    order = sorted(short.index, key=lambda c: (rank_m.get(method_key(c.split("__")[0]), len(rank_m)), c))
+    order = sorted(short.index, key=lambda c: (method_rank(method_key(c.split("__")[0])), c))
     return full, short.loc[order].reset_index()
 
 
 def routing_summary(metrics: pd.DataFrame) -> pd.DataFrame:
     """Per model: mean entropy and specialization over layers, unused experts in the last layer."""
-    from .curves import METHOD_ORDER
     from .plotstyle import method_key, method_label
 
-    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
     rows = []
-    for model in sorted(metrics["model"].unique(), key=lambda m: (rank.get(method_key(m), len(rank)), m)):
+    for model in sorted(metrics["model"].unique(), key=lambda m: (method_rank(method_key(m)), m)):
         g = metrics[metrics["model"] == model].sort_values("layer")
         rows.append({"model": model, "method": method_label(model), "layers": len(g),
                      "entropy (bits)": float(g["entropy"].mean()),
@@ -326,9 +304,10 @@ def flops_rows(runs: list, pretrain, branches: list | None = None) -> list[dict]
     :func:`drop_upcycling.flops.plan_table` so :func:`drop_upcycling.flops.plot_plan` draws them.
 
     Seed cost = the dense pre-training for every upcycled method and for the dense reference (none
-    for FS), plus for BTX the training of its domain branches (``btx_branches/``)."""
+    for a method that does not start from the dense seed, FS), plus for a method built from the seed's
+    domain branches (BTX) their training (``btx_branches/``): the ``from_dense`` and ``branches``
+    columns of the method table."""
     from .configs import ModelConfig
-    from .curves import order_methods
     from .flops import _human, flops_row
 
     def row_of(run, method: str, seed: dict[str, float]) -> dict:
@@ -363,13 +342,14 @@ def flops_rows(runs: list, pretrain, branches: list | None = None) -> list[dict]
     by_method = {}
     for r in has_model:
         by_method.setdefault(r.method, r)
-    methods = [m for m in order_methods(list(by_method)) if m != "dense"] + (["dense"] if "dense" in by_method else [])
+    methods = [m for m in order_methods(list(by_method)) if m != DENSE] + ([DENSE] if DENSE in by_method else [])
     for method in methods:
-        seed = none if method == "FS" else pre_cost
-        if method == "BTX":
+        row_m = lookup(method)
+        seed = none if row_m is not None and not row_m.from_dense else pre_cost
+        if row_m is not None and row_m.branches:
             seed = {k: pre_cost[k] + btx_cost[k] for k in seed}
         row = row_of(by_method[method], method, seed)
-        if method == "dense":
+        if method == DENSE:
             row["model"] = "reference"
         rows.append(row)
     return rows
@@ -447,10 +427,48 @@ def write_report(run_dir: str | Path, out_dir: str | Path, window: int | None = 
     return {"findings": result["findings"], "readme": out_dir / "README.md", "findings_json": out_dir / "findings.json"}
 
 
+@dataclass
+class Analyses:
+    """What the analyses of one run folder produced (their figures and CSVs are already written)."""
+
+    curves: dict  # drop_upcycling.curves.analyze_curves' result: curves, final, crossovers
+    runs: list  # the compared runs (curves.Run), every seed
+    pretrain: object | None  # the dense pre-training run (curves.Run), when the folder has one
+    routing: pd.DataFrame | None  # per-layer routing metrics of every model
+    evals: pd.DataFrame | None  # one primary metric per task and checkpoint
+    flops: list[dict]  # flops_rows
+
+
 def _build(rd: RunDir, out: Path, window: int | None, last: int | None, start_tol: float, formats) -> dict:
-    from .curves import analyze_curves, crossover_markdown, final_markdown, markdown_table, read_run
+    """The report's content, into ``out``: figures and CSVs, then the verdicts and the README text.
+
+    Three steps, in this order because each feeds the next: the analyses (:func:`_analyze`: loss
+    curves, routing, eval scores, FLOPs; each writes its figure and CSV under ``out`` and keeps its
+    table, or None when the run folder lacks its input); the findings, computed from those tables
+    alone, never re-read from disk; then the README, one function per section (``_section_*``, in
+    reading order), each of which says so when its input is missing instead of leaving the section
+    out. Returns the findings, the findings.json payload and the README text.
+    """
+    a = _analyze(rd, out, window, last, formats)
+    found = findings(a.runs, a.curves["final"], a.routing, start_tol, rd.first_batch)
+    provenance = _provenance(rd)
+    runs_df = runs_provenance(a.runs + ([a.pretrain] if a.pretrain else []))
+    crossovers = a.curves["crossovers"]
+    payload = {"findings": [asdict(f) for f in found],
+               "final_losses": a.curves["final"].to_dict(orient="records"),
+               "crossovers": crossovers.astype(object).where(crossovers.notna(), None).to_dict(orient="records"),
+               "runs": runs_df.to_dict(orient="records"), "provenance": provenance}
+    lines = [*_section_findings(rd, provenance, found), *_section_curves(a.curves), *_section_eval(a.evals),
+             *_section_routing(a.routing), *_section_compute(a.flops),
+             *_section_provenance(provenance, rd.provenance, runs_df)]
+    return {"findings": found, "json": _jsonable(payload), "readme": "\n".join(lines)}
+
+
+def _analyze(rd: RunDir, out: Path, window: int | None, last: int | None, formats) -> Analyses:
+    """Every analysis the run folder has the inputs for, each writing its figure and CSV under ``out``."""
+    from .curves import analyze_curves, read_run
     from .flops import plot_plan
-    from .plotstyle import method_label, save_figure
+    from .plotstyle import save_figure
     from .routing import analyze_routing, read_counts, routing_metrics
 
     curves = analyze_curves(rd.run_dirs, out / "curves", window=window, last=last, formats=formats)
@@ -474,84 +492,105 @@ def _build(rd: RunDir, out: Path, window: int | None, last: int | None, start_to
     if frows:
         pd.DataFrame(frows).to_csv(out / "flops.csv", index=False, float_format="%.6g")
         save_figure(plot_plan(frows, "full"), out, "flops", formats)
+    return Analyses(curves, runs, pretrain, rmetrics, evals, frows)
 
-    found = findings(runs, curves["final"], rmetrics, start_tol, rd.first_batch)
-    provenance = {"generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  "run_dir": _display_path(rd.root), "git": _git_commit(), "versions": _versions(),
-                  "config_files": {str(p.relative_to(rd.root)): sha256_file(p) for p in rd.config_files},
-                  "recipe": rd.provenance}
-    runs_df = runs_provenance(runs + ([pretrain] if pretrain else []))
-    payload = {"findings": [asdict(f) for f in found],
-               "final_losses": curves["final"].to_dict(orient="records"),
-               "crossovers": curves["crossovers"].astype(object).where(curves["crossovers"].notna(), None)
-               .to_dict(orient="records"),
-               "runs": runs_df.to_dict(orient="records"), "provenance": provenance}
-    verdict = {True: "**reproduced**", False: "**not reproduced**", None: "not tested"}
 
-    lines = [f"# Reproduction report: `{rd.root.resolve().name}`", "",
-             f"Generated by `drop-upcycling report` on {provenance['generated']} from `{provenance['run_dir']}`. "
-             "Every number below is computed from the run's logs; `findings.json` holds the same verdicts.", "",
-             "## The paper's findings in this run", "",
-             markdown_table(pd.DataFrame({"finding": [f.claim for f in found],
-                                          "verdict": [verdict[f.reproduced] for f in found],
-                                          "evidence": [f.detail for f in found]})), "",
-             "A finding counts as reproduced only when it holds beyond the spread across seeds.", "",
-             "## Loss curves", "", "![LM loss against tokens and training FLOPs](curves/loss_curves.png)", "",
-             "LM loss is the next-token cross-entropy without the auxiliary (load-balancing, z) losses. "
-             "Final loss: mean of the last logged steps (window in `curves/final_losses_runs.csv`), "
-             "mean ± std (min–max) over seeds.", "",
-             final_markdown(curves["final"]), "",
-             "Crossovers: the token count from which the row's method (A) stays below the column's (B) "
-             "until the end of the run (mean smoothed curves; `curves/crossovers.csv` also has the "
-             "beyond-the-spread version).", "",
-             crossover_markdown(curves["crossovers"]), ""]
-    lines += ["## Evaluation", ""]
-    if evals is not None:
-        lines += ["One metric per task (every metric: `eval_scores.csv`).", "", markdown_table(evals), ""]
-    else:
-        lines += ["No `eval/results.csv` in the run directory.", ""]
-    lines += ["## Routing", ""]
-    if rmetrics is not None:
-        lines += ["![Expert shares per domain (Figure 5 layout)](routing/routing_fig5.png)", "",
-                  "The figure shows the first seed of each method; the table below has every model.", "",
-                  "Specialization: mean pairwise L1 distance between the domains' expert distributions "
-                  "(0 = every domain routed alike, 2 = disjoint experts); entropy of the pooled distribution "
-                  "in bits. Per layer: `routing/routing_metrics.csv`.", "",
-                  markdown_table(routing_summary(rmetrics), ".3f"), ""]
-    else:
-        lines += ["No routing counts in the run directory.", ""]
-    lines += ["## Training compute", ""]
-    if frows:
-        table = pd.DataFrame([{"run": f"{r['model']}: {method_label(r['method'])}",
-                               "total params": r["total_params"], "active params": r["active_params"],
-                               "FLOPs/token (full)": f"{r['flops_per_token_full']:.3e}",
-                               "tokens": int(r["tokens"]), "seed FLOPs": f"{r['seed_flops_full']:.3e}",
-                               "training FLOPs": f"{r['train_flops_full']:.3e}",
-                               "total FLOPs": f"{r['total_flops_full']:.3e}"} for r in frows])
-        lines += ["![Training compute per method](flops.png)", "",
-                  "Full count (attention, router, experts, LM head; backward = 2 x forward). Seed = the dense "
-                  "pre-training, charged to every upcycled method and to the dense reference, not to FS; BTX's also "
-                  "includes its domain branches. "
-                  "6N figures: `flops.csv`.", "", markdown_table(table), ""]
-    else:
-        lines += ["No model configs in run.json: FLOPs unknown.", ""]
-    lines += ["## Provenance", "",
-              f"- git commit: `{provenance['git'].get('commit')}`"
-              + (" (uncommitted changes)" if provenance["git"].get("dirty") else ""),
-              "- versions: " + ", ".join(f"{k} {v}" for k, v in provenance["versions"].items()),
-              *(f"- config `{k}`: sha256 `{v[:16]}…`" for k, v in provenance["config_files"].items()), ""]
-    for name, content in rd.provenance.items():
+def _provenance(rd: RunDir) -> dict:
+    """When, from what (run dir, git commit, package versions, config hashes) and what the recipe recorded."""
+    return {"generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "run_dir": _display_path(rd.root), "git": _git_commit(), "versions": _versions(),
+            "config_files": {str(p.relative_to(rd.root)): sha256_file(p) for p in rd.config_files},
+            "recipe": rd.provenance}
+
+
+VERDICT = {True: "**reproduced**", False: "**not reproduced**", None: "not tested"}
+
+
+def _section_findings(rd: RunDir, provenance: dict, found: list[Finding]) -> list[str]:
+    from .curves import markdown_table
+
+    return [f"# Reproduction report: `{rd.root.resolve().name}`", "",
+            f"Generated by `drop-upcycling report` on {provenance['generated']} from `{provenance['run_dir']}`. "
+            "Every number below is computed from the run's logs; `findings.json` holds the same verdicts.", "",
+            "## The paper's findings in this run", "",
+            markdown_table(pd.DataFrame({"finding": [f.claim for f in found],
+                                         "verdict": [VERDICT[f.reproduced] for f in found],
+                                         "evidence": [f.detail for f in found]})), "",
+            "A finding counts as reproduced only when it holds beyond the spread across seeds.", ""]
+
+
+def _section_curves(curves: dict) -> list[str]:
+    from .curves import crossover_markdown, final_markdown
+
+    return ["## Loss curves", "", "![LM loss against tokens and training FLOPs](curves/loss_curves.png)", "",
+            "LM loss is the next-token cross-entropy without the auxiliary (load-balancing, z) losses. "
+            "Final loss: mean of the last logged steps (window in `curves/final_losses_runs.csv`), "
+            "mean ± std (min–max) over seeds.", "",
+            final_markdown(curves["final"]), "",
+            "Crossovers: the token count from which the row's method (A) stays below the column's (B) "
+            "until the end of the run (mean smoothed curves; `curves/crossovers.csv` also has the "
+            "beyond-the-spread version).", "",
+            crossover_markdown(curves["crossovers"]), ""]
+
+
+def _section_eval(evals: pd.DataFrame | None) -> list[str]:
+    from .curves import markdown_table
+
+    if evals is None:
+        return ["## Evaluation", "", "No `eval/results.csv` in the run directory.", ""]
+    return ["## Evaluation", "", "One metric per task (every metric: `eval_scores.csv`).", "", markdown_table(evals), ""]
+
+
+def _section_routing(rmetrics: pd.DataFrame | None) -> list[str]:
+    from .curves import markdown_table
+
+    if rmetrics is None:
+        return ["## Routing", "", "No routing counts in the run directory.", ""]
+    return ["## Routing", "", "![Expert shares per domain (Figure 5 layout)](routing/routing_fig5.png)", "",
+            "The figure shows the first seed of each method; the table below has every model.", "",
+            "Specialization: mean pairwise L1 distance between the domains' expert distributions "
+            "(0 = every domain routed alike, 2 = disjoint experts); entropy of the pooled distribution "
+            "in bits. Per layer: `routing/routing_metrics.csv`.", "",
+            markdown_table(routing_summary(rmetrics), ".3f"), ""]
+
+
+def _section_compute(frows: list[dict]) -> list[str]:
+    from .curves import markdown_table
+    from .plotstyle import method_label
+
+    if not frows:
+        return ["## Training compute", "", "No model configs in run.json: FLOPs unknown.", ""]
+    table = pd.DataFrame([{"run": f"{r['model']}: {method_label(r['method'])}",
+                           "total params": r["total_params"], "active params": r["active_params"],
+                           "FLOPs/token (full)": f"{r['flops_per_token_full']:.3e}",
+                           "tokens": int(r["tokens"]), "seed FLOPs": f"{r['seed_flops_full']:.3e}",
+                           "training FLOPs": f"{r['train_flops_full']:.3e}",
+                           "total FLOPs": f"{r['total_flops_full']:.3e}"} for r in frows])
+    return ["## Training compute", "", "![Training compute per method](flops.png)", "",
+            "Full count (attention, router, experts, LM head; backward = 2 x forward). Seed = the dense "
+            "pre-training, charged to every upcycled method and to the dense reference, not to FS; BTX's also "
+            "includes its domain branches. "
+            "6N figures: `flops.csv`.", "", markdown_table(table), ""]
+
+
+def _section_provenance(provenance: dict, recorded: dict[str, object], runs_df: pd.DataFrame) -> list[str]:
+    from .curves import markdown_table
+
+    lines = ["## Provenance", "",
+             f"- git commit: `{provenance['git'].get('commit')}`"
+             + (" (uncommitted changes)" if provenance["git"].get("dirty") else ""),
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in provenance["versions"].items()),
+             *(f"- config `{k}`: sha256 `{v[:16]}…`" for k, v in provenance["config_files"].items()), ""]
+    for name, content in recorded.items():
         lines += [f"<details><summary>Recorded by the recipe (<code>{name}</code>)</summary>", "", "```json",
                   json.dumps(content, indent=2, default=str), "```", "", "</details>", ""]
-    lines += ["Runs (seed, budget, model shape; the full configs are in each run's `run.json`):", "",
-              markdown_table(runs_df, ".3g"), ""]
-    return {"findings": found, "json": _jsonable(payload), "readme": "\n".join(lines)}
+    return [*lines, "Runs (seed, budget, model shape; the full configs are in each run's `run.json`):", "",
+            markdown_table(runs_df, ".3g"), ""]
 
 
 def _one_model_per_method(models: pd.Series) -> list[str]:
     """The figure's columns: the first model (by name, so seed 0) of each method, in the paper's order;
     the metrics keep every model."""
-    from .curves import order_methods
     from .plotstyle import method_key
 
     first: dict[str, str] = {}

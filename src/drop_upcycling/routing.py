@@ -221,11 +221,11 @@ def _legend(fig, domains: Sequence[str], n_rows: int) -> None:
 
 
 def _model_order(models: Iterable[str]) -> list[str]:
-    """FS, NU, RNU, DU, ... (the paper's column order), then anything else alphabetically."""
-    from .plotstyle import method_key
+    """FS, NU, RNU, BTX, DU, ... (the method table's order, the dense reference after the MoEs), then
+    anything else alphabetically."""
+    from .methods import method_key, rank
 
-    rank = {k: i for i, k in enumerate(["FS", "NU", "RNU-0.5", "BTX", "DU-0.5", "DU-1.0", "dense"])}
-    return sorted(models, key=lambda m: (rank.get(method_key(m), len(rank)), m))
+    return sorted(models, key=lambda m: (rank(method_key(m), dense_last=True), m))
 
 
 def analyze_routing(counts_paths: Sequence[str | Path], out_dir: str | Path, layers: Sequence[int] | None = None,

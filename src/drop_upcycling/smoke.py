@@ -15,10 +15,12 @@
 9. ``analyze``: routing figure and metrics, loss curves, FLOPs table (``drop-upcycling analyze``, ``flops``).
 10. ``report``: ``drop-upcycling report OUT --out REPORT`` (default ``OUT/report``): README, figures, verdicts.
 
-Layout of ``OUT`` (what :mod:`drop_upcycling.report` reads): ``runs/<label>/`` (metrics.jsonl, run.json,
-checkpoints/), ``eval/results.csv``, ``routing/<label>/routing_counts.csv``, ``analysis/``,
-``checks/first_batch.json``, ``smoke.json`` (the manifest: scale, runs, methods, seeds, stage times).
-Labels are ``<method slug>-s<seed>`` (``nu-s0``, ``du0.5-s1``, ``dense-s0``).
+Layout of ``OUT``: the contract in :mod:`drop_upcycling.repro_layout`, which names every path this
+module writes and :mod:`drop_upcycling.report` reads (``runs/<label>/``, ``pretrain/dense/``,
+``btx_branches/<domain>/``, ``checks/first_batch.json``, ``eval/results.csv``,
+``routing/<label>/routing_counts.csv``, ``smoke.json`` (the manifest: scale, runs, methods, seeds, stage
+times)). Labels are ``<method slug>-s<seed>`` (``nu-s0``, ``du0.5-s1``, ``dense-s0``); the methods and
+their ``drop-upcycling upcycle`` flags come from the method table (:mod:`drop_upcycling.methods`).
 
 Each stage's inputs (its config and the hashes of the stages it depends on) are hashed; a finished
 stage leaves ``stages/<name>.json`` with that hash, and a rerun skips a stage whose hash matches and
@@ -46,6 +48,8 @@ import yaml
 
 from .checkpoint import write_json as _write_json_file
 from .errors import UserError
+from .methods import BY_KEY, DENSE, MOE_METHODS, Method
+from .repro_layout import ReproLayout, run_label
 
 log = logging.getLogger(__name__)
 
@@ -53,25 +57,6 @@ SMOKE_VERSION = 1  # bump when a stage's meaning changes: every stamp is then st
 DOMAINS = ("c4", "en_wikipedia", "ja_mc4", "code_stack")
 # BTX branches (FACTS.md §1): the seed plus the dense model continued on each domain group.
 BTX_BRANCHES = {"ja": {"ja_mc4": 1.0}, "en": {"c4": 0.5, "en_wikipedia": 0.5}, "code": {"code_stack": 1.0}}
-
-
-@dataclass(frozen=True)
-class Method:
-    """One way to build the MoE: its report name, label slug and ``drop-upcycling upcycle`` flags."""
-
-    name: str
-    slug: str
-    upcycle: tuple[str, ...]
-
-
-METHODS = (
-    Method("FS", "fs", ("--method", "scratch")),
-    Method("NU", "nu", ("--method", "naive")),
-    Method("RNU-0.5", "rnu0.5", ("--method", "noise", "--ratio", "0.5")),
-    Method("DU-0.5", "du0.5", ("--method", "drop", "--ratio", "0.5")),
-    Method("DU-1.0", "du1.0", ("--method", "drop", "--ratio", "1.0")),
-    Method("BTX", "btx", ("--method", "btx")),
-)
 
 
 @dataclass(frozen=True)
@@ -97,7 +82,7 @@ class Scale:
     routing_tokens: int = 4096
     dense_step_s: float = 0.05
     moe_step_s: float = 0.1
-    methods: tuple[str, ...] = ("FS", "NU", "RNU-0.5", "DU-0.5", "DU-1.0")
+    methods: tuple[str, ...] = ("FS", "NU", "RNU-0.5", "DU-0.5", "DU-1.0")  # keys of the method table
     weights: dict[str, float] = field(default_factory=lambda: dict.fromkeys(DOMAINS, 0.25))
 
 
@@ -158,7 +143,7 @@ class Pipeline:
         return stage
 
     def _stamp(self, stage: Stage) -> Path:
-        return self.out / "stages" / f"{stage.name}.json"
+        return ReproLayout(self.out).stamp(stage.name)
 
     def _done(self, stage: Stage) -> bool:
         stamp = self._stamp(stage)
@@ -256,7 +241,7 @@ class RunSpec:
     """One compared training run (an MoE of some method, or the dense reference) for one seed."""
 
     label: str
-    method: str  # FS, NU, ..., or "dense"
+    method: str  # a key of the method table: FS, NU, ..., or "dense"
     seed: int
     init: Path  # the upcycled MoE, or the pre-trained dense checkpoint
 
@@ -270,10 +255,12 @@ class Smoke:
             raise UserError(f"unknown scale {scale_name!r} (choose {', '.join(SCALES)})")
         self.scale_name, self.scale = scale_name, SCALES[scale_name]
         self.out, self.corpus = out, corpus
+        self.layout = ReproLayout(out)
         self.pipe = Pipeline(out, force)
         self.runs: list[RunSpec] = []
-        self.prepared_file = out / "data" / "prepared.txt"
-        self.report_dir = report_dir or out / "report"
+        self.finals: dict[str, Path] = {}
+        self.prepared_file = self.layout.prepared_file
+        self.report_dir = report_dir or self.layout.report
 
     # -- paths
     def final_checkpoint(self, run_dir: Path, steps: int) -> Path:
@@ -281,7 +268,7 @@ class Smoke:
 
     @property
     def pretrain_dir(self) -> Path:
-        return self.out / "pretrain" / "dense"
+        return self.layout.pretrain_run
 
     @property
     def dense_ckpt(self) -> Path:
@@ -289,6 +276,10 @@ class Smoke:
 
     def prepared_root(self) -> Path:
         return Path(self.prepared_file.read_text().strip())
+
+    @property
+    def moe_runs(self) -> list[RunSpec]:
+        return [r for r in self.runs if r.method != DENSE]
 
     # -- configs
     def train_config(self, *, method: str, seed: int, init: Path | None, steps: int, lr: float,
@@ -305,80 +296,124 @@ class Smoke:
         }
 
     def write_config(self, name: str, config: dict[str, Any]) -> Path:
-        path = self.out / "configs" / f"{name}.yaml"
+        path = self.layout.configs / f"{name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         return path
 
     # -- stages
     def build(self) -> None:
+        """Add every stage to the pipeline, in the order they run; fills ``self.runs`` and ``self.finals``.
+
+        One method per stage family: data and dense pre-training; BTX's domain branches (when a method
+        of the scale needs them); per seed, one upcycling per MoE method plus the dense reference run;
+        the first-batch check over every initial checkpoint; one training per run; evaluation; routing
+        counts per MoE; analysis and the report. The families must be added in this order: a stage's
+        hash covers its spec and the hashes of its ``deps``, so every dependency is added first. The
+        hash decides whether a finished stage is redone: changing a spec redoes that stage and every
+        stage that depends on it, on the next run, and nothing else.
+        """
+        self._add_data_and_pretrain()
+        branches = self._add_branches()
+        for seed in self.scale.seeds:
+            self._add_upcycling(seed, branches)
+        self._add_first_batch()
+        self._add_training()
+        self._add_evaluation()
+        self._add_routing()
+        self._add_analysis_and_report()
+
+    def _methods(self) -> list[Method]:
+        """The scale's MoE methods, in the table's order."""
+        return [m for m in MOE_METHODS if m.key in self.scale.methods]
+
+    def _add_data_and_pretrain(self) -> None:
         s = self.scale
-        p = self.pipe
-        p.add(Stage("data", {"vocab_size": s.vocab_size, "corpus": self.corpus}, [self.prepared_file],
-                    self._prepare_data, estimate_s=25))
-        pre = self.train_config(method="dense", seed=0, init=None, steps=s.pretrain_steps, lr=s.pretrain_lr,
+        self.pipe.add(Stage("data", {"vocab_size": s.vocab_size, "corpus": self.corpus}, [self.prepared_file],
+                            self._prepare_data, estimate_s=25))
+        pre = self.train_config(method=DENSE, seed=0, init=None, steps=s.pretrain_steps, lr=s.pretrain_lr,
                                 weights=s.weights, out=self.pretrain_dir, warmup=max(1, s.pretrain_steps // 20))
-        p.add(Stage("pretrain", pre, [self.pretrain_dir], lambda: self._train("pretrain", pre, nproc=1),
-                    deps=["data"], estimate_s=10 + s.pretrain_steps * s.dense_step_s, resumable=True))
+        self.pipe.add(Stage("pretrain", pre, [self.pretrain_dir], lambda: self._train("pretrain", pre, nproc=1),
+                            deps=["data"], estimate_s=10 + s.pretrain_steps * s.dense_step_s, resumable=True))
+
+    def _add_branches(self) -> dict[str, Path]:
+        """The dense model continued on each domain group (BTX's sources besides the seed) -> final checkpoints."""
+        s = self.scale
+        if not any(m.branches for m in self._methods()):
+            return {}
         branches = {}
-        if "BTX" in s.methods:
-            for dom, weights in BTX_BRANCHES.items():
-                out = self.out / "btx_branches" / dom
-                cfg = self.train_config(method=f"dense-{dom}", seed=0, init=self.dense_ckpt, steps=s.branch_steps,
-                                        lr=s.moe_lr, weights=weights, out=out, warmup=max(1, s.branch_steps // 20))
-                name = f"branch-{dom}"
-                p.add(Stage(name, cfg, [out], lambda n=name, c=cfg: self._train(n, c, nproc=1), deps=["pretrain"],
-                            estimate_s=10 + s.branch_steps * s.dense_step_s, resumable=True))
-                branches[dom] = self.final_checkpoint(out, s.branch_steps)
-        for seed in s.seeds:
-            for m in (m for m in METHODS if m.name in s.methods):
-                label = f"{m.slug}-s{seed}"
-                init = self.out / "upcycled" / label
-                args = [*m.upcycle, "--num-experts", str(s.num_experts), "--top-k", str(s.top_k), "--seed", str(seed)]
-                if m.name == "BTX":
-                    srcs = [self.dense_ckpt, branches["ja"], branches["en"], branches["code"]]
-                    cmd = [*_cli(), "upcycle", init, *args, "--sources", *srcs]
-                    deps = ["pretrain", *(f"branch-{d}" for d in BTX_BRANCHES)]
-                else:
-                    cmd = [*_cli(), "upcycle", self.dense_ckpt, init, *args]
-                    deps = ["pretrain"]
-                p.add(Stage(f"upcycle-{label}", {"args": args}, [init], lambda c=cmd: _sh(c), deps=deps, estimate_s=4))
-                self.runs.append(RunSpec(label, m.name, seed, init))
-            self.runs.append(RunSpec(f"dense-s{seed}", "dense", seed, self.dense_ckpt))
-        p.add(Stage("first-batch", {"runs": [asdict(r) for r in self.runs]}, [self.out / "checks" / "first_batch.json"],
-                    self._first_batch, deps=[f"upcycle-{r.label}" for r in self.runs if r.method != "dense"],
-                    estimate_s=5 + 2 * len(self.runs)))
-        finals = {}
+        for dom, weights in BTX_BRANCHES.items():
+            out = self.layout.branch(dom)
+            cfg = self.train_config(method=f"{DENSE}-{dom}", seed=0, init=self.dense_ckpt, steps=s.branch_steps,
+                                    lr=s.moe_lr, weights=weights, out=out, warmup=max(1, s.branch_steps // 20))
+            name = f"branch-{dom}"
+            self.pipe.add(Stage(name, cfg, [out], lambda n=name, c=cfg: self._train(n, c, nproc=1), deps=["pretrain"],
+                                estimate_s=10 + s.branch_steps * s.dense_step_s, resumable=True))
+            branches[dom] = self.final_checkpoint(out, s.branch_steps)
+        return branches
+
+    def _add_upcycling(self, seed: int, branches: dict[str, Path]) -> None:
+        """One ``drop-upcycling upcycle`` per MoE method for ``seed``, then the seed's dense reference run."""
+        s = self.scale
+        for m in self._methods():
+            label = run_label(m.slug, seed)
+            init = self.layout.upcycled(label)
+            args = [*m.upcycle_args, "--num-experts", str(s.num_experts), "--top-k", str(s.top_k), "--seed", str(seed)]
+            if m.branches:
+                cmd = [*_cli(), "upcycle", init, *args, "--sources", self.dense_ckpt, *branches.values()]
+                deps = ["pretrain", *(f"branch-{d}" for d in branches)]
+            else:
+                cmd = [*_cli(), "upcycle", self.dense_ckpt, init, *args]
+                deps = ["pretrain"]
+            self.pipe.add(Stage(f"upcycle-{label}", {"args": args}, [init], lambda c=cmd: _sh(c), deps=deps,
+                                estimate_s=4))
+            self.runs.append(RunSpec(label, m.key, seed, init))
+        self.runs.append(RunSpec(run_label(BY_KEY[DENSE].slug, seed), DENSE, seed, self.dense_ckpt))
+
+    def _add_first_batch(self) -> None:
+        self.pipe.add(Stage("first-batch", {"runs": [asdict(r) for r in self.runs]}, [self.layout.first_batch],
+                            self._first_batch, deps=[f"upcycle-{r.label}" for r in self.moe_runs],
+                            estimate_s=5 + 2 * len(self.runs)))
+
+    def _add_training(self) -> None:
+        """Every run for the same budget: the MoEs with EP=2, the dense reference data-parallel (dp=2)."""
+        s = self.scale
         for r in self.runs:
-            out = self.out / "runs" / r.label
+            out = self.layout.run(r.label)
             cfg = self.train_config(method=r.method, seed=r.seed, init=r.init, steps=s.moe_steps, lr=s.moe_lr,
                                     weights=s.weights, out=out, warmup=max(1, s.moe_steps // 20))
-            if r.method != "dense":
+            dense = r.method == DENSE
+            if not dense:
                 cfg["ep"] = 2
-            dep = "pretrain" if r.method == "dense" else f"upcycle-{r.label}"
-            step_s = s.dense_step_s if r.method == "dense" else s.moe_step_s
-            p.add(Stage(f"train-{r.label}", cfg, [out], lambda n=r.label, c=cfg: self._train(n, c, nproc=2),
-                        deps=[dep], estimate_s=15 + s.moe_steps * step_s, resumable=True))
-            finals[r.label] = self.final_checkpoint(out, s.moe_steps)
-        self.finals = finals
-        train_deps = [f"train-{r.label}" for r in self.runs]
-        eval_spec = {"size": s.eval_size, "limit": s.eval_limit, "labels": list(finals)}
-        p.add(Stage("evaluate", eval_spec, [self.out / "eval"], self._evaluate, deps=["pretrain", *train_deps],
-                    estimate_s=10 + (4 if s.eval_size == "ci" else 25) * (len(finals) + 1)))
-        for r in self.runs:
-            if r.method == "dense":
-                continue
-            out = self.out / "routing" / r.label
-            cmd = [*_cli(), "routing", finals[r.label], "--out", out, "--tokens-per-domain", str(s.routing_tokens),
-                   "--model-name", r.label, "--chunk-len", str(s.seq_len), "--batch-size", "8"]
-            p.add(Stage(f"routing-{r.label}", {"tokens": s.routing_tokens}, [out / "routing_counts.csv"],
-                        lambda c=cmd: _sh([*c, "--data", self.prepared_root()]), deps=[f"train-{r.label}"],
-                        estimate_s=6))
-        routing_deps = [f"routing-{r.label}" for r in self.runs if r.method != "dense"]
-        p.add(Stage("analyze", {"v": 2}, [self.out / "analysis"], self._analyze, deps=[*routing_deps, "evaluate"],
-                    estimate_s=20))
-        p.add(Stage("report", {"v": 1, "out": str(self.report_dir)}, [self.report_dir / "README.md"], self._report,
-                    deps=["analyze"], estimate_s=15))
+            self.pipe.add(Stage(f"train-{r.label}", cfg, [out], lambda n=r.label, c=cfg: self._train(n, c, nproc=2),
+                                deps=["pretrain" if dense else f"upcycle-{r.label}"],
+                                estimate_s=15 + s.moe_steps * (s.dense_step_s if dense else s.moe_step_s),
+                                resumable=True))
+            self.finals[r.label] = self.final_checkpoint(out, s.moe_steps)
+
+    def _add_evaluation(self) -> None:
+        s = self.scale
+        spec = {"size": s.eval_size, "limit": s.eval_limit, "labels": list(self.finals)}
+        self.pipe.add(Stage("evaluate", spec, [self.layout.eval_dir], self._evaluate,
+                            deps=["pretrain", *(f"train-{r.label}" for r in self.runs)],
+                            estimate_s=10 + (4 if s.eval_size == "ci" else 25) * (len(self.finals) + 1)))
+
+    def _add_routing(self) -> None:
+        s = self.scale
+        for r in self.moe_runs:
+            out = self.layout.routing_dir(r.label)
+            cmd = [*_cli(), "routing", self.finals[r.label], "--out", out, "--tokens-per-domain",
+                   str(s.routing_tokens), "--model-name", r.label, "--chunk-len", str(s.seq_len), "--batch-size", "8"]
+            self.pipe.add(Stage(f"routing-{r.label}", {"tokens": s.routing_tokens}, [self.layout.routing_counts(r.label)],
+                                lambda c=cmd: _sh([*c, "--data", self.prepared_root()]), deps=[f"train-{r.label}"],
+                                estimate_s=6))
+
+    def _add_analysis_and_report(self) -> None:
+        routing_deps = [f"routing-{r.label}" for r in self.moe_runs]
+        self.pipe.add(Stage("analyze", {"v": 2}, [self.layout.analysis], self._analyze,
+                            deps=[*routing_deps, "evaluate"], estimate_s=20))
+        self.pipe.add(Stage("report", {"v": 1, "out": str(self.report_dir)}, [self.report_dir / "README.md"],
+                            self._report, deps=["analyze"], estimate_s=15))
 
     # -- actions
     def _prepare_data(self) -> None:
@@ -414,7 +449,7 @@ class Smoke:
             inits = {r.label: r.init for r in self.runs if r.seed == seed and r.method != "dense"}
             losses = first_batch_losses({"dense-final": self.dense_ckpt, **inits}, self.prepared_root(), s, seed)
             per_seed[str(seed)] = losses
-        _write_json(self.out / "checks" / "first_batch.json", {
+        _write_json(self.layout.first_batch, {
             "what": "LM loss (mean token cross-entropy) of each checkpoint on the first global batch that the "
                     "MoE and dense-reference runs of that seed train on (EP=2, 2 data ranks), computed by an "
                     "evaluation pass before training; 'dense-final' is the pre-trained dense model.",
@@ -423,18 +458,18 @@ class Smoke:
     def _evaluate(self) -> None:
         s = self.scale
         ckpts = [self.dense_ckpt, *self.finals.values()]
-        cmd = [*_cli(), "evaluate", *ckpts, "--suite", "local", "--size", s.eval_size, "--out", self.out / "eval",
+        cmd = [*_cli(), "evaluate", *ckpts, "--suite", "local", "--size", s.eval_size, "--out", self.layout.eval_dir,
                "--overwrite", "--batch-size", "16", "--data", self.prepared_root()]
         if s.eval_limit:
             cmd += ["--limit", str(s.eval_limit)]
-        _sh(cmd, log_file=self.out / "logs" / "evaluate.log")
+        _sh(cmd, log_file=self.layout.logs / "evaluate.log")
 
     def _analyze(self) -> None:
-        out = self.out / "analysis"
-        counts = [self.out / "routing" / r.label / "routing_counts.csv" for r in self.runs if r.method != "dense"]
+        out = self.layout.analysis
+        counts = [self.layout.routing_counts(r.label) for r in self.moe_runs]
         _sh([*_cli(), "analyze", "routing", "--counts", *counts, "--out", out / "routing"])
-        dense = [self.out / "runs" / r.label for r in self.runs if r.method == "dense"]
-        moes = [self.out / "runs" / r.label for r in self.runs if r.method != "dense"]
+        dense = [self.layout.run(r.label) for r in self.runs if r.method == DENSE]
+        moes = [self.layout.run(r.label) for r in self.moe_runs]
         _sh([*_cli(), "analyze", "curves", *moes, *dense[1:], "--dense", dense[0], "--out", out / "curves"])
         nu = next(r for r in self.runs if r.method == "NU")
         _sh([*_cli(), "flops", "--model", self.dense_ckpt, "--model", self.finals[nu.label],
@@ -443,14 +478,17 @@ class Smoke:
         _write_json(out / "manifest.json", self.manifest())
 
     def _report(self) -> None:
-        _write_json(self.out / "smoke.json", self.record(final=False))
+        _write_json(self.layout.manifest, self.record(final=False))
         _sh([*_cli(), "report", self.out, "--out", self.report_dir])
 
     def manifest(self) -> dict[str, Any]:
         return {"scale": self.scale_name, "scale_config": asdict(self.scale),
-                "pretrain": {"dir": "pretrain/dense", "checkpoint": str(self.dense_ckpt.relative_to(self.out))},
-                "runs": [{"label": r.label, "method": r.method, "seed": r.seed, "dir": f"runs/{r.label}",
-                          "checkpoint": str(self.finals[r.label].relative_to(self.out))} for r in self.runs]}
+                "pretrain": {"dir": self._rel(self.pretrain_dir), "checkpoint": self._rel(self.dense_ckpt)},
+                "runs": [{"label": r.label, "method": r.method, "seed": r.seed, "dir": self._rel(self.layout.run(r.label)),
+                          "checkpoint": self._rel(self.finals[r.label])} for r in self.runs]}
+
+    def _rel(self, path: Path) -> str:
+        return path.relative_to(self.out).as_posix()
 
     def record(self, final: bool) -> dict[str, Any]:
         """smoke.json: the manifest plus stage times (the report shows it as provenance)."""
@@ -465,7 +503,7 @@ class Smoke:
         self.build()
         self.t0, self.started = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.pipe.run()
-        _write_json(self.out / "smoke.json", self.record(final=True))
+        _write_json(self.layout.manifest, self.record(final=True))
 
 
 # ============================================================================ the first-batch check

@@ -5,8 +5,11 @@ fraction r of the neurons), ``drop`` (Drop-Upcycling: re-initialize a fraction r
 the dense weights' statistics) and ``btx`` (Branch-Train-MiX: expert e is source e // (E/4)'s FFN,
 non-FFN weights are the mean of the 4 sources).
 
-Each method is a small function with one signature, ``(dense FFN, ExpertKey, options) -> expert FFN``;
-the streaming reader/writer around them is written once (:func:`upcycle`). Tensors are read with
+The method names are the ``upcycle`` column of :data:`drop_upcycling.methods.METHODS`. Each method
+that builds experts from the dense FFN is a small function with one signature, ``(dense FFN,
+ExpertKey, options) -> expert FFN``, registered in :data:`EXPERT_FNS` under its name; ``scratch``
+(nothing from the dense model) and ``btx`` (whole FFNs of four sources) are the two that are not.
+The streaming reader/writer around them is written once (:func:`upcycle`). Tensors are read with
 ``safe_open`` and written shard by shard, one layer at a time, into a temp dir renamed at the end.
 
 Every random draw comes from a generator keyed by (seed, purpose, layer, expert, matrix), so the
@@ -44,11 +47,11 @@ from .checkpoint import (
 from .configs import ModelConfig
 from .errors import UserError
 from .fsio import atomic_dir, refusal, write_json
+from .methods import MOE_METHODS, RATIO_UPCYCLE_METHODS, UPCYCLE_METHODS
 from .model import CausalLM, init_tensor, keyed_generator
 
 log = logging.getLogger(__name__)
 
-METHODS = ("scratch", "naive", "noise", "drop", "btx")
 ROUTER_INITS = ("torch_rand_002", "torch_rand", "torch_rand_mean0", "torch_normal_002", "torch_normal_028")
 INDEX_MODES = ("per-matrix", "shared")
 STATS_MODES = ("dropped", "full")
@@ -74,7 +77,7 @@ class UpcycleOptions:
     noise_std: float = 0.02
 
     def validate(self) -> None:
-        _choice("method", self.method, METHODS)
+        _choice("method", self.method, UPCYCLE_METHODS)
         _choice("router init", self.router_init, ROUTER_INITS)
         _choice("index mode", self.index_mode, INDEX_MODES)
         _choice("stats", self.stats, STATS_MODES)
@@ -195,6 +198,8 @@ def noise_expert(ffn: FFN, key: ExpertKey, opts: UpcycleOptions) -> FFN:
 
 
 ExpertFn = Callable[[FFN, ExpertKey, UpcycleOptions], FFN]
+# Keyed by the method table's ``upcycle`` names: a new way to build experts from the dense FFN is a
+# table row and its function here.
 EXPERT_FNS: dict[str, ExpertFn] = {"naive": naive_expert, "drop": drop_expert, "noise": noise_expert}
 
 
@@ -450,8 +455,7 @@ def _experts(srcs: Sources, cfg: ModelConfig, opts: UpcycleOptions, layer: int,
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", metavar="[SRC] OUT",
                    help="dense Llama checkpoint dir and output dir (btx: only OUT, sources via --sources)")
-    p.add_argument("--method", default="drop", choices=METHODS,
-                   help="scratch (FS), naive (NU), noise (RNU), drop (DU), btx (Branch-Train-MiX); default drop")
+    p.add_argument("--method", default="drop", choices=UPCYCLE_METHODS, help=_method_help())
     p.add_argument("--ratio", type=float, default=None,
                    help="fraction r of FFN neurons re-initialized (drop) or perturbed (noise); default 0.5")
     p.add_argument("--num-experts", type=int, default=8)
@@ -472,15 +476,23 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print shapes, parameters and output size; write nothing")
 
 
+def _method_help() -> str:
+    """``scratch (FS), naive (NU), ...``: each --method with the key prefix of the methods it builds."""
+    first = {}
+    for m in MOE_METHODS:
+        first.setdefault(m.upcycle, m.prefix)
+    return ", ".join(f"{name} ({prefix})" for name, prefix in first.items()) + "; default drop"
+
+
 def run(args: argparse.Namespace) -> int:
     if len(args.paths) > 2:
         raise UserError(f"expected SRC OUT, got {len(args.paths)} paths")
     src, out = (None, args.paths[0]) if len(args.paths) == 1 else args.paths
     if not (math.isfinite(args.max_shard_size) and args.max_shard_size > 0):
         raise UserError(f"--max-shard-size must be a positive number of GB, got {args.max_shard_size}")
-    if args.ratio is not None and args.method not in ("drop", "noise"):
-        raise UserError(f"--ratio applies to drop and noise, not {args.method}")
-    default_ratio = 0.5 if args.method in ("drop", "noise") else 0.0
+    if args.ratio is not None and args.method not in RATIO_UPCYCLE_METHODS:
+        raise UserError(f"--ratio applies to {' and '.join(sorted(RATIO_UPCYCLE_METHODS))}, not {args.method}")
+    default_ratio = 0.5 if args.method in RATIO_UPCYCLE_METHODS else 0.0
     opts = UpcycleOptions(
         method=args.method, ratio=default_ratio if args.ratio is None else args.ratio, num_experts=args.num_experts,
         top_k=args.top_k, seed=args.seed, router_init=args.router_init, index_mode=args.index_mode,

@@ -1,0 +1,140 @@
+"""The folder of a reproduction: what the smoke job writes and what the report reads.
+
+The writer (:mod:`drop_upcycling.smoke`) and the reader (:mod:`drop_upcycling.report`) both take
+their paths from :class:`ReproLayout`; this docstring is the contract between them. Only ``runs/``
+is required by the report, so any recipe that leaves the same files can be reported on::
+
+    OUT/
+      runs/<label>/metrics.jsonl, run.json  every run of the comparison, one folder each (drop-upcycling
+                                            train --out): the MoE runs (run.method FS, NU, RNU-0.5, DU-0.5,
+                                            DU-1.0, BTX; seeds = more folders with another run.seed) and the
+                                            dense reference (run.method dense): the pre-trained dense model
+                                            continued for the same budget with the same seed, data,
+                                            batch and world size as the MoE runs, so its first logged
+                                            step is the dense model's loss on the MoEs' first batch.
+                                            The method is run.method, else the folder name (NU-s1 -> NU).
+      pretrain/[<name>/]metrics.jsonl       optional: the dense pre-training, run.json beside it (its cost =
+                                            the seed cost of every upcycled method)
+      btx_branches/<domain>/metrics.jsonl   optional: BTX's domain branches (their cost joins BTX's seed cost)
+      checks/first_batch.json               optional: {"losses": {"<seed>": {"dense-final": x, ...}}}, the
+                                            pre-trained dense model's LM loss on the first global batch of the
+                                            runs of each seed (an evaluation pass); preferred for finding (a)
+      eval/results.csv                      optional: drop-upcycling evaluate (checkpoint, task, metric,
+                                            value, stderr, n); a checkpoint's method is its label's prefix
+      routing/<label>/routing_counts.csv    optional: drop-upcycling routing, one folder per model
+                                            (or routing/*.csv); the model column's prefix is the method
+      provenance.json, smoke.json           optional: anything the recipe records (scale, runs, stage times)
+      *.yaml, configs/**                    optional: config files, listed with their sha256
+
+The smoke job also keeps, for itself (the report reads none of them): ``data/prepared.txt`` (the
+prepared data's path), ``upcycled/<label>/`` (each MoE's initial checkpoint), ``analysis/`` (the
+standalone figures and tables), ``stages/<stage>.json`` (the resume stamps), ``logs/`` and, by
+default, the report itself in ``report/``.
+
+Labels are ``<method slug>-s<seed>`` (``nu-s0``, ``du0.5-s1``, ``dense-s0``), with the slugs of the
+method table (:mod:`drop_upcycling.methods`), so the folder name alone names the method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+RUNS = "runs"
+PRETRAIN = "pretrain"
+BRANCHES = "btx_branches"
+METRICS = "metrics.jsonl"
+ROUTING_COUNTS = "routing_counts.csv"
+MANIFEST = "smoke.json"
+PROVENANCE = "provenance.json"
+RECORDS = (PROVENANCE, MANIFEST)  # JSON files the report shows as provenance, in this order
+
+
+def run_label(slug: str, seed: int) -> str:
+    """The folder name of one compared run: ``du0.5-s1``."""
+    return f"{slug}-s{seed}"
+
+
+@dataclass(frozen=True)
+class ReproLayout:
+    """The paths of the contract (module docstring) under one folder."""
+
+    root: Path
+
+    # -- what the report reads
+    @property
+    def runs(self) -> Path:
+        return self.root / RUNS
+
+    def run(self, label: str) -> Path:
+        return self.runs / label
+
+    @property
+    def pretrain(self) -> Path:
+        """The dense pre-training: ``pretrain/`` itself or the one run folder inside it."""
+        return self.root / PRETRAIN
+
+    @property
+    def branches(self) -> Path:
+        return self.root / BRANCHES
+
+    def branch(self, domain: str) -> Path:
+        return self.branches / domain
+
+    @property
+    def first_batch(self) -> Path:
+        return self.root / "checks" / "first_batch.json"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def eval_csv(self) -> Path:
+        return self.eval_dir / "results.csv"
+
+    @property
+    def routing(self) -> Path:
+        return self.root / "routing"
+
+    def routing_dir(self, label: str) -> Path:
+        return self.routing / label
+
+    def routing_counts(self, label: str) -> Path:
+        return self.routing_dir(label) / ROUTING_COUNTS
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / MANIFEST
+
+    @property
+    def configs(self) -> Path:
+        return self.root / "configs"
+
+    # -- what the smoke job keeps for itself
+    @property
+    def pretrain_run(self) -> Path:
+        """The smoke job's pre-training run: ``pretrain/dense``."""
+        return self.pretrain / "dense"
+
+    @property
+    def prepared_file(self) -> Path:
+        return self.root / "data" / "prepared.txt"
+
+    def upcycled(self, label: str) -> Path:
+        return self.root / "upcycled" / label
+
+    @property
+    def analysis(self) -> Path:
+        return self.root / "analysis"
+
+    def stamp(self, stage: str) -> Path:
+        return self.root / "stages" / f"{stage}.json"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"

@@ -22,7 +22,8 @@ import torch.distributed as dist
 
 from drop_upcycling.configs import TrainConfig
 from drop_upcycling.flops import training_flops_per_token
-from drop_upcycling.parallel import clip_gradients, data_parallel_loss, init_parallel, reduce_gradients
+from drop_upcycling.model import causal_lm_loss
+from drop_upcycling.parallel import clip_gradients, init_parallel, reduce_gradients
 from drop_upcycling.train import build_model, build_optimizer
 
 
@@ -40,7 +41,7 @@ def main() -> None:
     run = TrainConfig.from_mapping({"model": args.model, "seq_len": args.seq_len, "steps": 1, "ep": args.ep,
                                     "global_batch_tokens": args.seq_len})
     cfg = run.model_config()
-    env = init_parallel(ep=args.ep, num_experts=cfg.num_experts)
+    env = init_parallel(ep_size=args.ep, num_experts=cfg.num_experts)
     model = build_model(cfg, run, env)
     optimizer = build_optimizer(model, run)
     gen = torch.Generator().manual_seed(env.rank)
@@ -51,7 +52,7 @@ def main() -> None:
         ids = torch.randint(0, cfg.vocab_size, (args.micro_batch, args.seq_len), generator=gen).to(env.device)
         with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=bf16):
             out = model(ids)
-            losses = data_parallel_loss(out.logits, ids, out.router_logits, cfg, group=group)
+            losses = causal_lm_loss(out.logits, ids, out.router_logits, cfg, group=group)
         losses.loss.backward()
         reduce_gradients(model, env)
         clip_gradients(model, env, 1.0)

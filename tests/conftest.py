@@ -1,5 +1,8 @@
 """Shared fixtures: tiny checkpoints made on the fly, a synthetic four-domain corpus, and the real one.
 
+Every test model is built by :func:`random_model` (imported by the test modules); the tiny
+checkpoints that several modules read are the session fixtures ``tiny_dense_dir`` and ``tiny_moe_dir``.
+
 Tests need nothing outside the repository: multi-domain text comes from :mod:`synthetic_corpus`, the
 authors' released routing counts from ``reports/reference/``. The real corpus (the authors' routing
 texts) is read only by tests about it, marked ``real_corpus``; they find it the product's way
@@ -19,7 +22,7 @@ from synthetic_corpus import write_synthetic_corpus
 
 from drop_upcycling import data_pipeline
 from drop_upcycling.checkpoint import save_model
-from drop_upcycling.configs import MODEL_CONFIGS
+from drop_upcycling.configs import MODEL_CONFIGS, ModelConfig
 from drop_upcycling.model import CausalLM
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,15 +63,33 @@ def real_corpus() -> Path:
     return path
 
 
+def random_model(cfg: ModelConfig | str, seed: int = 0, varied_norms: bool = False) -> CausalLM:
+    """A :class:`CausalLM` with the keyed from-scratch init of ``seed`` (``cfg``: a config or a registered name).
+
+    ``varied_norms`` draws the norm weights from U[0.5, 1.5) (one generator seeded ``seed``, in
+    parameter order) instead of leaving them at 1, so that a norm that is lost, re-initialized or
+    applied wrongly shows.
+    """
+    model = CausalLM(MODEL_CONFIGS[cfg] if isinstance(cfg, str) else cfg)
+    model.init_weights(seed)
+    if varied_norms:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.uniform_(0.5, 1.5, generator=g)
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_dense_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random dense Llama checkpoint in HF format (fp32)."""
-    torch.manual_seed(0)
-    model = CausalLM(MODEL_CONFIGS["tiny-dense"])
-    model.init_weights(seed=1234)
-    # Non-trivial norm weights so that copying them (not re-initializing) is observable.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-    return save_model(model, tmp_path_factory.mktemp("ckpt") / "tiny-dense")
+    """A tiny random dense Llama checkpoint in HF format (fp32), its norms varied: upcycling must copy them."""
+    return save_model(random_model("tiny-dense", seed=1234, varied_norms=True),
+                      tmp_path_factory.mktemp("ckpt") / "tiny-dense")
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Mixtral checkpoint in HF format (4 experts, fp32), named like an upcycled model
+    (the routing analysis reads the method from a model's name)."""
+    return save_model(random_model("tiny-moe", seed=7), tmp_path_factory.mktemp("ckpt") / "DU-0.5-tiny")

@@ -219,17 +219,6 @@ def test_bad_analyze_options_write_nothing(option: list[str], message: str, tmp_
     assert not (out / "routing_metrics.csv").exists()
 
 
-@pytest.fixture(scope="module")
-def tiny_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from drop_upcycling.checkpoint import save_model
-    from drop_upcycling.configs import MODEL_CONFIGS
-    from drop_upcycling.model import CausalLM
-
-    model = CausalLM(MODEL_CONFIGS["tiny-moe"])
-    model.init_weights(seed=3)
-    return save_model(model, tmp_path_factory.mktemp("ckpt") / "NU-tiny")
-
-
 @pytest.mark.parametrize("chunk_len", [0, -5])
 def test_non_positive_chunk_length_is_refused(chunk_len: int, tiny_moe_dir: Path, tmp_path: Path,
                                               capsys: pytest.CaptureFixture) -> None:

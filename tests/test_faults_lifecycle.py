@@ -312,7 +312,7 @@ def _disk_full(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, str]:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint.PlannedWriter, "add", full)  # upcycle's shard writer
-    monkeypatch.setattr(train, "save_file", full)  # the trainer's checkpoint files
+    monkeypatch.setattr(checkpoint, "save_file", full)  # the trainer's checkpoint files
     return tmp / "out", "No space left on device"
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import random_model
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -22,7 +23,6 @@ from drop_upcycling.flops import (
     plan_table,
     training_flops_per_token,
 )
-from drop_upcycling.model import CausalLM
 
 # FACTS.md §3, in billions, as printed there (rounded).
 FACTS_PARAMS = {
@@ -50,8 +50,7 @@ def test_full_count_matches_flop_counter(name: str) -> None:
     the math backend runs attention as plain (masked, full S x S) batched matmuls, which it counts.
     """
     cfg = MODEL_CONFIGS[name]
-    model = CausalLM(cfg)
-    model.init_weights(seed=0)
+    model = random_model(cfg, 0)
     batch, seq = 3, 48
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     counter = FlopCounterMode(display=False)

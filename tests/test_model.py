@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import transformers
+from conftest import random_model
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from drop_upcycling.checkpoint import INDEX_FILE, load_model, save_model
@@ -15,16 +16,6 @@ from drop_upcycling.model import CausalLM
 from drop_upcycling.moe import LocalDispatcher, route, router_z_loss
 
 TINY_MOE = MODEL_CONFIGS["tiny-moe"]
-
-
-def _random_model(cfg: ModelConfig, seed: int = 0) -> CausalLM:
-    model = CausalLM(cfg)
-    model.init_weights(seed)
-    with torch.no_grad():  # norms away from 1 so that a wrong norm would show
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(seed))
-    return model
 
 
 @pytest.mark.parametrize(
@@ -38,7 +29,7 @@ def _random_model(cfg: ModelConfig, seed: int = 0) -> CausalLM:
     ids=["dense", "moe", "dense-theta5e5-mha", "moe-top1-tied"],
 )
 def test_logits_and_losses_match_transformers(cfg: ModelConfig, tmp_path) -> None:
-    model = _random_model(cfg)
+    model = random_model(cfg, varied_norms=True)
     ckpt = save_model(model, tmp_path / "ckpt")
     hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
     assert type(hf).__name__ == ("MixtralForCausalLM" if cfg.is_moe else "LlamaForCausalLM")
@@ -57,7 +48,7 @@ def test_logits_and_losses_match_transformers(cfg: ModelConfig, tmp_path) -> Non
 
 def test_per_layer_aux_loss_is_mean_of_single_layer_hf_losses() -> None:
     cfg = TINY_MOE.replace(aux_loss_mode="per_layer")
-    model = _random_model(cfg)
+    model = random_model(cfg, varied_norms=True)
     ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         out = model(ids, labels=ids)
@@ -77,16 +68,16 @@ def test_z_loss_by_hand() -> None:
 
 
 def test_z_loss_enters_total_only_when_enabled() -> None:
-    model = _random_model(TINY_MOE.replace(router_z_loss_coef=0.5))
+    model = random_model(TINY_MOE.replace(router_z_loss_coef=0.5), varied_norms=True)
     ids = torch.randint(0, TINY_MOE.vocab_size, (1, 8), generator=torch.Generator().manual_seed(3))
     out = model(ids, labels=ids)
     assert torch.allclose(out.loss, out.lm_loss + 0.02 * out.aux_loss + 0.5 * out.z_loss)
-    assert _random_model(TINY_MOE)(ids, labels=ids).z_loss is None
+    assert random_model(TINY_MOE, varied_norms=True)(ids, labels=ids).z_loss is None
 
 
 def test_grouped_experts_equal_a_per_token_float64_loop() -> None:
     torch.manual_seed(0)
-    block_model = _random_model(TINY_MOE.replace(num_experts=5, num_experts_per_tok=2)).double()
+    block_model = random_model(TINY_MOE.replace(num_experts=5, num_experts_per_tok=2), varied_norms=True).double()
     block = block_model.model.layers[0].block_sparse_moe
     x = torch.randn(2, 7, TINY_MOE.hidden_size, dtype=torch.float64)
     y, routing = block(x)
@@ -120,7 +111,7 @@ def test_dispatch_groups_by_expert_and_handles_empty_experts() -> None:
 
 
 def test_empty_experts_still_get_zero_gradients() -> None:
-    model = _random_model(TINY_MOE)
+    model = random_model(TINY_MOE, varied_norms=True)
     ids = torch.zeros(1, 2, dtype=torch.long)  # 2 tokens x top-2: at most 4 of 4 experts, usually fewer
     model(ids, labels=ids).loss.backward()
     for layer in model.model.layers:
@@ -128,7 +119,7 @@ def test_empty_experts_still_get_zero_gradients() -> None:
 
 
 def test_expert_ids_are_top_k_of_router_logits() -> None:
-    model = _random_model(TINY_MOE)
+    model = random_model(TINY_MOE, varied_norms=True)
     ids = torch.randint(0, TINY_MOE.vocab_size, (2, 9), generator=torch.Generator().manual_seed(4))
     out = model(ids, return_expert_ids=True)
     assert len(out.expert_ids) == TINY_MOE.num_hidden_layers
@@ -137,7 +128,7 @@ def test_expert_ids_are_top_k_of_router_logits() -> None:
 
 
 def test_sharded_save_writes_index_and_round_trips(tmp_path) -> None:
-    model = _random_model(TINY_MOE)
+    model = random_model(TINY_MOE, varied_norms=True)
     ckpt = save_model(model, tmp_path / "sharded", max_shard_bytes=200_000)
     index = json.loads((ckpt / INDEX_FILE).read_text())
     shards = set(index["weight_map"].values())
@@ -153,17 +144,16 @@ def test_sharded_save_writes_index_and_round_trips(tmp_path) -> None:
 
 
 def test_expert_slice_loads_only_its_experts(tmp_path) -> None:
-    model = _random_model(TINY_MOE)
+    model = random_model(TINY_MOE, varied_norms=True)
     ckpt = save_model(model, tmp_path / "ckpt")
-    half = load_model(ckpt, num_local_experts=2, expert_offset=2)
+    half = load_model(ckpt, num_local=2, expert_offset=2)
     assert torch.equal(half.model.layers[0].block_sparse_moe.experts.w3,
                        model.model.layers[0].block_sparse_moe.experts.w3[2:4])
 
 
 def test_init_is_independent_of_expert_layout() -> None:
-    full = CausalLM(TINY_MOE)
-    full.init_weights(7)
-    part = CausalLM(TINY_MOE, num_local_experts=2, expert_offset=2)
+    full = random_model(TINY_MOE, 7)
+    part = CausalLM(TINY_MOE, num_local=2, expert_offset=2)
     part.init_weights(7)
     assert torch.equal(part.model.layers[1].block_sparse_moe.experts.w1, full.model.layers[1].block_sparse_moe.experts.w1[2:])
     assert torch.equal(part.model.embed_tokens.weight, full.model.embed_tokens.weight)

@@ -8,11 +8,10 @@ import torch.distributed as dist
 
 from drop_upcycling.configs import MODEL_CONFIGS
 from drop_upcycling.errors import UserError
-from drop_upcycling.model import CausalLM
+from drop_upcycling.model import CausalLM, causal_lm_loss
 from drop_upcycling.moe import AllToAllDispatcher
 from drop_upcycling.parallel import (
     clip_gradients,
-    data_parallel_loss,
     init_parallel,
     reduce_gradients,
     spawn_local,
@@ -36,18 +35,18 @@ def _reference_grads(ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.T
     return out.loss.detach(), {n: p.grad for n, p in ref.named_parameters()}
 
 
-def _equivalence_worker(ep: int) -> None:
-    env = init_parallel(ep=ep, num_experts=CFG.num_experts)
+def _equivalence_worker(ep_size: int) -> None:
+    env = init_parallel(ep_size=ep_size, num_experts=CFG.num_experts)
     ids = _global_batch(env.world_size)
     ref_loss, ref_grads = _reference_grads(ids)
 
-    local = CFG.num_experts // ep
-    dispatcher = AllToAllDispatcher(CFG.num_experts, env.expert_pg) if ep > 1 else None
-    model = CausalLM(CFG, num_local_experts=local, expert_offset=env.ep_rank * local, dispatcher=dispatcher)
+    local = CFG.num_experts // ep_size
+    dispatcher = AllToAllDispatcher(CFG.num_experts, env.expert_pg) if ep_size > 1 else None
+    model = CausalLM(CFG, num_local=local, expert_offset=env.ep_rank * local, dispatcher=dispatcher)
     model.init_weights(SEED)
     mine = ids.chunk(env.world_size)[env.data_rank]
     out = model(mine)
-    losses = data_parallel_loss(out.logits, mine, out.router_logits, CFG, group=env.world_pg)
+    losses = causal_lm_loss(out.logits, mine, out.router_logits, CFG, group=env.world_pg)
     losses.loss.backward()
     reduce_gradients(model, env)
 
@@ -69,14 +68,14 @@ def _equivalence_worker(ep: int) -> None:
     assert abs(norm - float(ref_norm)) < 1e-5 * float(ref_norm)
 
 
-@pytest.mark.parametrize("ep", [2, 1], ids=["ep2", "dp2"])
-def test_two_ranks_match_one_process_on_the_global_batch(ep: int) -> None:
-    spawn_local(_equivalence_worker, 2, ep)
+@pytest.mark.parametrize("ep_size", [2, 1], ids=["ep2", "dp2"])
+def test_two_ranks_match_one_process_on_the_global_batch(ep_size: int) -> None:
+    spawn_local(_equivalence_worker, 2, ep_size)
 
 
 def _round_trip_worker() -> None:
     """Every token routed to experts 0 and 1 (rank 0's), so rank 1's experts get zero rows."""
-    env = init_parallel(ep=2, num_experts=4)
+    env = init_parallel(ep_size=2, num_experts=4)
     disp = AllToAllDispatcher(4, env.expert_pg)
     torch.manual_seed(env.rank)
     n_tokens = 5 + 3 * env.rank  # uneven token counts per rank
@@ -106,11 +105,11 @@ def test_all_to_all_round_trip_with_empty_experts() -> None:
     spawn_local(_round_trip_worker, 2)
 
 
-@pytest.mark.parametrize(("world", "ep", "experts", "message"), [
+@pytest.mark.parametrize(("world", "ep_size", "experts", "message"), [
     (2, 3, 4, "not divisible by the expert-parallel size"),
     (4, 4, 6, "number of experts (6) is not divisible"),
     (2, 2, 0, "needs an MoE model"),
 ])
-def test_bad_layout_is_one_clear_error(world: int, ep: int, experts: int, message: str) -> None:
+def test_bad_layout_is_one_clear_error(world: int, ep_size: int, experts: int, message: str) -> None:
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        validate_layout(world, ep, experts)
+        validate_layout(world, ep_size, experts)

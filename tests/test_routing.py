@@ -208,17 +208,6 @@ def test_counter_by_hand() -> None:
     assert counter.tokens == 4
 
 
-@pytest.fixture(scope="module")
-def tiny_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from drop_upcycling.checkpoint import save_model
-    from drop_upcycling.configs import MODEL_CONFIGS
-    from drop_upcycling.model import CausalLM
-
-    model = CausalLM(MODEL_CONFIGS["tiny-moe"])
-    model.init_weights(seed=7)
-    return save_model(model, tmp_path_factory.mktemp("ckpt") / "DU-0.5-tiny")
-
-
 def _hf_counts(ckpt: Path, chunks: list, domain: str) -> pd.DataFrame:
     """Independent reference: transformers' Mixtral router logits -> softmax -> top-k, counted in numpy."""
     import torch

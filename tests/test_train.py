@@ -15,15 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import random_model
 
-from drop_upcycling.checkpoint import load_model
+from drop_upcycling.checkpoint import load_model, save_model
 from drop_upcycling.configs import TrainConfig
 from drop_upcycling.errors import UserError
+from drop_upcycling.memory import plan
 from drop_upcycling.methods import MOE_METHODS
-from drop_upcycling.model import CausalLM
 from drop_upcycling.parallel import free_port
 from drop_upcycling.recipes import resolve, write
-from drop_upcycling.train import configure_parser, lr_at, plan
+from drop_upcycling.train import configure_parser, lr_at
 from drop_upcycling.train import run as train_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,8 +156,7 @@ def test_checkpoint_is_an_hf_mixtral(reference_run: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)
     # Trained: the experts moved away from the random init (seed 0) they started from.
-    init = CausalLM(ours.config)
-    init.init_weights(0)
+    init = random_model(ours.config, 0)
     w1 = ours.model.layers[0].block_sparse_moe.experts.w1
     assert not torch.equal(w1, init.model.layers[0].block_sparse_moe.experts.w1)
 
@@ -268,12 +268,10 @@ def test_vocab_smaller_than_the_tokenizer_fails_clearly(tiny_recipe: Path, tmp_p
 
 def test_init_from_hf_checkpoint_each_rank_loads_its_experts(tiny_recipe: Path, tmp_path: Path) -> None:
     """EP=2 run started from an MoE checkpoint: step 1's loss is the checkpoint's loss on the global batch."""
-    from drop_upcycling.checkpoint import save_model
     from drop_upcycling.data import TokenSequenceReader, prepare_all
 
     run = TrainConfig.from_yaml(tiny_recipe)
-    model = CausalLM(run.model_config())
-    model.init_weights(123)
+    model = random_model(run.model_config(), 123)
     ckpt = save_model(model, tmp_path / "init")
     out = tmp_path / "out"
     _finish(_torchrun(tiny_recipe, "--ep", "2", "--out", str(out), "--init", str(ckpt), "--steps", "1"))

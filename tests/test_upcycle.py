@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from conftest import random_model
 from safetensors.torch import load_file, save_file
 
 from drop_upcycling.checkpoint import (
@@ -21,7 +22,6 @@ from drop_upcycling.checkpoint import (
 )
 from drop_upcycling.cli import main as cli
 from drop_upcycling.configs import ModelConfig
-from drop_upcycling.model import CausalLM
 from drop_upcycling.upcycle import UpcycleOptions, router_weights, upcycle
 
 # Wide enough for the statistics checks: 256 neurons, 64-dim rows.
@@ -34,8 +34,7 @@ PROJ = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 def stats_dense_dir(tmp_path_factory) -> Path:
     """A dense model with a few giant FFN neurons, so that the statistics of a dropped slice depend on
     which neurons it holds and differ clearly from those of the whole matrix."""
-    model = CausalLM(STATS_DENSE)
-    model.init_weights(3)
+    model = random_model(STATS_DENSE, 3)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for layer in model.model.layers:
@@ -210,8 +209,7 @@ def test_scratch_has_std_002_and_equals_the_models_own_init(tiny_dense_dir: Path
     # nothing is copied from the dense model
     dense = CheckpointReader(tiny_dense_dir)
     assert not torch.equal(moe.get("model.embed_tokens.weight"), dense.get("model.embed_tokens.weight"))
-    fresh = CausalLM(moe.config)
-    fresh.init_weights(21)
+    fresh = random_model(moe.config, 21)
     loaded = load_model(out)
     for (name, a), (_, b) in zip(fresh.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
@@ -221,9 +219,7 @@ def test_btx_experts_come_from_their_sources_and_the_rest_is_averaged(tmp_path: 
     cfg = STATS_DENSE.replace(intermediate_size=32)
     sources = []
     for i in range(4):
-        m = CausalLM(cfg)
-        m.init_weights(100 + i)
-        sources.append(save_model(m, tmp_path / f"src{i}"))
+        sources.append(save_model(random_model(cfg, 100 + i), tmp_path / f"src{i}"))
     out = tmp_path / "btx"
     upcycle(None, out, UpcycleOptions(method="btx", num_experts=8), sources=sources)
     readers = [CheckpointReader(s) for s in sources]
@@ -282,11 +278,7 @@ def test_cli_upcycle_and_dry_run(tiny_dense_dir: Path, tmp_path: Path, capsys) -
 
 # ---------------------------------------------------------------------------- bad input
 def _mixtral_dir(tmp_path: Path) -> Path:
-    from drop_upcycling.configs import MODEL_CONFIGS
-
-    m = CausalLM(MODEL_CONFIGS["tiny-moe"])
-    m.init_weights(0)
-    return save_model(m, tmp_path / "mixtral")
+    return save_model(random_model("tiny-moe"), tmp_path / "mixtral")
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -363,9 +355,7 @@ def test_btx_source_checks(tiny_dense_dir: Path, tmp_path: Path, capsys) -> None
     out = str(tmp_path / "out")
     assert cli(["upcycle", out, "--method", "btx", "--sources", *[str(tiny_dense_dir)] * 3]) == 2
     assert "exactly 4 dense checkpoints" in capsys.readouterr().err
-    other = CausalLM(STATS_DENSE)
-    other.init_weights(0)
-    other_dir = save_model(other, tmp_path / "other")
+    other_dir = save_model(random_model(STATS_DENSE), tmp_path / "other")
     assert cli(["upcycle", out, "--method", "btx", "--sources", *[str(tiny_dense_dir)] * 3, str(other_dir)]) == 2
     assert "different shape" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -1,19 +1,29 @@
-"""HF-format checkpoints: sharded safetensors + ``model.safetensors.index.json``, written atomically.
+"""HF-format checkpoints: sharded safetensors + ``model.safetensors.index.json``, written atomically;
+and the trainer's checkpoints, which are such a checkpoint plus the ``trainer/`` state.
 
 The one mapping between our parameter names and HF's lives here (:func:`to_hf` / :func:`hf_expert_name`):
 all names are identical except the stacked ``...experts.w1|w2|w3`` tensors, which are stored as
 HF's legacy Mixtral per-expert tensors ``...experts.{e}.w1|w2|w3.weight`` (read by transformers 4
-and 5 and by vLLM).
+and 5 and by vLLM). HF names are made (and stacked names split by expert) only here.
 
 Writers stream: :class:`ShardedWriter` takes tensors one at a time and flushes a shard whenever the
 next tensor would overflow it, so peak memory is one shard, not the model; :class:`PlannedWriter`,
 given the tensor list in advance, writes each tensor's bytes to disk as it arrives. Everything is written
 into a temporary directory next to the destination and renamed at the end
 (:func:`drop_upcycling.fsio.atomic_dir`): an interrupted write leaves nothing half-written at the destination.
+
+A training checkpoint (:func:`save_checkpoint`, :func:`load_checkpoint`) is written by all ranks at
+once: each expert-parallel rank writes its experts' weights into its own shard
+(``model-{ep_rank + 1}-of-{ep_size}``, rank 0's also holding everything else) and rank 0 the index,
+so transformers loads it like any other. ``trainer/`` holds the AdamW moments under the HF names
+(``optimizer-{ep_rank}.safetensors``: any expert-parallel size reloads them), each rank's data
+position and RNG state (``rank-{rank}.json``) and the step (``state.json``).
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import math
 import re
@@ -21,6 +31,7 @@ import shutil
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -29,6 +40,12 @@ from safetensors.torch import save_file
 from .configs import ModelConfig, read_hf_config
 from .errors import UserError
 from .fsio import atomic_dir, write_json
+from .model import CausalLM
+
+if TYPE_CHECKING:
+    from .configs import TrainConfig
+    from .data import TokenSequenceReader
+    from .parallel import ParallelEnv
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -41,7 +58,8 @@ DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float
 _SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32, "F16": torch.float16}
 _SAFETENSORS_NAMES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
 _STACKED = re.compile(r"^(model\.layers\.\d+\.block_sparse_moe\.experts)\.(w[123])$")
-_HF_EXPERT = re.compile(r"^(model\.layers\.\d+\.block_sparse_moe\.experts)\.(\d+)\.(w[123])\.weight$")
+TRAINER = "trainer"  # the trainer's state inside a training checkpoint
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state per parameter, besides the step
 
 
 # ---------------------------------------------------------------------------- the name mapping
@@ -54,27 +72,46 @@ def hf_dense_ffn_name(layer: int, proj: str) -> str:
     return f"model.layers.{layer}.mlp.{proj}.weight"
 
 
+def _is_stacked(name: str) -> bool:
+    """Whether ``name`` is one of our stacked expert tensors (stored as one HF tensor per expert)."""
+    return _STACKED.match(name) is not None
+
+
+def _hf_expert_names(name: str, first: int, count: int, suffix: str = "") -> list[str]:
+    """HF names (+ ``suffix``) of experts ``first .. first + count - 1`` of our stacked tensor ``name``."""
+    prefix, matrix = _STACKED.match(name).groups()
+    return [f"{prefix}.{e}.{matrix}.weight{suffix}" for e in range(first, first + count)]
+
+
 def to_hf(name: str, tensor: torch.Tensor, expert_offset: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
     """Our (name, tensor) -> HF (name, tensor) pairs: a stacked expert tensor becomes one per expert."""
-    m = _STACKED.match(name)
-    if m is None:
+    if not _is_stacked(name):
         yield name, tensor
         return
-    prefix, matrix = m.groups()
-    for e in range(tensor.shape[0]):
-        yield f"{prefix}.{expert_offset + e}.{matrix}.weight", tensor[e]
+    for e, hf_name in enumerate(_hf_expert_names(name, expert_offset, tensor.shape[0])):
+        yield hf_name, tensor[e]
 
 
-def from_hf_name(hf_name: str) -> tuple[str, int | None]:
-    """HF name -> (our name, expert id or None)."""
-    m = _HF_EXPERT.match(hf_name)
-    if m is None:
-        return hf_name, None
-    prefix, expert, matrix = m.groups()
-    return f"{prefix}.{matrix}", int(expert)
+def _hf_tensors(model: CausalLM, tensors: dict[str, torch.Tensor], experts_only: bool = False,
+                suffix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """HF (name + ``suffix``, tensor) pairs of ``tensors``, named like ``model``'s state (its weights
+    or its optimizer moments): the experts it holds, under their global ids, and, unless
+    ``experts_only``, everything else. A tied LM head is the embedding and is not stored twice."""
+    for name, t in tensors.items():
+        if model.config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        if experts_only and not _is_stacked(name):
+            continue
+        for hf_name, x in to_hf(name, t, model.expert_offset(name)):
+            yield hf_name + suffix, x
 
 
 # ---------------------------------------------------------------------------- writing
+def _shard_file(i: int, n: int) -> str:
+    """HF's name of shard ``i`` (0-based) of ``n``."""
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
 class ShardedWriter:
     """Streams tensors into ``model-0000i-of-0000n.safetensors`` shards of at most ``max_shard_bytes``."""
 
@@ -115,7 +152,7 @@ class ShardedWriter:
         n = len(self._shards)
         weight_map: dict[str, str] = {}
         for i, names in enumerate(self._shards):
-            final = SINGLE_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            final = SINGLE_FILE if n == 1 else _shard_file(i, n)
             (self.out_dir / f"shard-{i:05d}.safetensors").rename(self.out_dir / final)
             weight_map.update(dict.fromkeys(names, final))
         if n > 1:
@@ -148,7 +185,7 @@ class PlannedWriter:
             self._shards[-1].append((name, tuple(shape), nbytes))
             shard_bytes += nbytes
         n = len(self._shards)
-        self.files = [SINGLE_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.files = [SINGLE_FILE if n == 1 else _shard_file(i, n) for i in range(n)]
         self._order = iter([(i, name, shape) for i, shard in enumerate(self._shards) for name, shape, _ in shard])
         self._current: int | None = None
         self._handle = None
@@ -193,11 +230,8 @@ class PlannedWriter:
         return weight_map
 
 
-def write_config(out_dir: Path, cfg: ModelConfig, dtype: torch.dtype, extra: dict | None = None) -> None:
-    d = cfg.to_hf_dict(DTYPE_NAMES[dtype])
-    if extra:
-        d.update(extra)
-    write_json(out_dir / "config.json", d)
+def write_config(out_dir: Path, cfg: ModelConfig, dtype: torch.dtype) -> None:
+    write_json(out_dir / "config.json", cfg.to_hf_dict(DTYPE_NAMES[dtype]))
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
@@ -209,30 +243,19 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def save_model(model: torch.nn.Module, out: str | Path, dtype: torch.dtype | None = None, overwrite: bool = False,
-               max_shard_bytes: int = 2 * 1024**3, tokenizer_from: Path | None = None,
-               extra_config: dict | None = None) -> Path:
+def save_model(model: CausalLM, out: str | Path, dtype: torch.dtype | None = None, overwrite: bool = False,
+               max_shard_bytes: int = 2 * 1024**3, tokenizer_from: Path | None = None) -> Path:
     """Save a (single-process) :class:`~drop_upcycling.model.CausalLM` as an HF checkpoint directory."""
-    cfg: ModelConfig = model.config
     dtype = dtype or next(model.parameters()).dtype
     with atomic_dir(out, overwrite=overwrite) as tmp:
         writer = ShardedWriter(tmp, max_shard_bytes)
-        for name, tensor in model.state_dict().items():
-            if cfg.tie_word_embeddings and name == "lm_head.weight":
-                continue
-            for hf_name, t in to_hf(name, tensor, _expert_offset(model, name)):
-                writer.add(hf_name, t.to(dtype))
+        for hf_name, t in _hf_tensors(model, model.state_dict()):
+            writer.add(hf_name, t.to(dtype))
         writer.close()
-        write_config(tmp, cfg, dtype, extra_config)
+        write_config(tmp, model.config, dtype)
         if tokenizer_from is not None:
             copy_tokenizer_files(Path(tokenizer_from), tmp)
     return Path(out)
-
-
-def _expert_offset(model: torch.nn.Module, name: str) -> int:
-    if _STACKED.match(name) is None:
-        return 0
-    return model.get_submodule(name.rsplit(".", 1)[0]).expert_offset
 
 
 # ---------------------------------------------------------------------------- reading
@@ -274,14 +297,8 @@ class CheckpointReader:
                 raise UserError(f"{self.path / shard} is not a readable safetensors file: {e}") from None
         return self._handles[shard]
 
-    def keys(self) -> list[str]:
-        return list(self.weight_map)
-
     def __iter__(self) -> Iterator[str]:
         return iter(self.weight_map)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.weight_map
 
     def get(self, name: str, shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """One tensor, checked against the expected shape; missing or corrupt tensors are UserErrors."""
@@ -308,9 +325,7 @@ class CheckpointReader:
         return _SAFETENSORS_DTYPES.get(name, torch.float32)
 
 
-
-
-def load_state_into(model: torch.nn.Module, reader: CheckpointReader) -> None:
+def load_state_into(model: CausalLM, reader: CheckpointReader) -> None:
     """Fill ``model`` (possibly holding only a slice of the experts) from ``reader``, tensor by tensor.
 
     Each stacked expert tensor reads only the experts this model holds, so an expert-parallel rank
@@ -320,21 +335,17 @@ def load_state_into(model: torch.nn.Module, reader: CheckpointReader) -> None:
         for name, param in model.state_dict().items():
             if model.config.tie_word_embeddings and name == "lm_head.weight":
                 continue
-            m = _STACKED.match(name)
-            if m is None:
+            if not _is_stacked(name):
                 param.copy_(reader.get(name, tuple(param.shape)))
                 continue
-            offset = _expert_offset(model, name)
-            layer = int(name.split(".")[2])
-            for e in range(param.shape[0]):
-                param[e].copy_(reader.get(hf_expert_name(layer, offset + e, m.group(2)), tuple(param.shape[1:])))
+            for e, hf_name in enumerate(_hf_expert_names(name, model.expert_offset(name), param.shape[0])):
+                param[e].copy_(reader.get(hf_name, tuple(param.shape[1:])))
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               **model_kwargs) -> torch.nn.Module:
-    """Build a :class:`~drop_upcycling.model.CausalLM` from an HF checkpoint dir (dense or MoE)."""
-    from .model import CausalLM
-
+               **model_kwargs: Any) -> CausalLM:
+    """Build a :class:`~drop_upcycling.model.CausalLM` from an HF checkpoint dir (dense or MoE);
+    ``model_kwargs`` (``num_local``, ``expert_offset``, ``dispatcher``) build an expert slice."""
     reader = CheckpointReader(path)
     with torch.device("meta"):
         model = CausalLM(reader.config, **model_kwargs)
@@ -343,3 +354,168 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         model.lm_head.weight = model.model.embed_tokens.weight
     load_state_into(model, reader)
     return model
+
+
+# ---------------------------------------------------------------------------- training checkpoints
+def _optimizer_file(ep_rank: int) -> str:
+    return f"{TRAINER}/optimizer-{ep_rank:05d}.safetensors"
+
+
+def _rank_file(rank: int) -> str:
+    return f"{TRAINER}/rank-{rank:05d}.json"
+
+
+def save_checkpoint(path: Path, step: int, tokens: int, model: CausalLM, optimizer: torch.optim.AdamW,
+                    reader: TokenSequenceReader, run: TrainConfig, env: ParallelEnv,
+                    tokenizer_dir: Path | None) -> None:
+    """Write the training checkpoint of ``step`` at ``path``, from all ranks, atomically.
+
+    Rank 0 makes the temp dir and tells the others where it is; every rank writes its files
+    (:func:`_write_rank_files`); once all are done, rank 0 adds what describes the whole (the index,
+    config.json, the tokenizer, ``state.json``) and renames the temp dir to ``path``.
+    """
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_dir(path, overwrite=True)) if env.is_main else None
+        tmp = Path(env.broadcast_str(str(tmp) if tmp else None))
+        if env.is_main:
+            (tmp / TRAINER).mkdir()
+        env.barrier()
+        _write_rank_files(tmp, model, optimizer, reader, run, env)
+        env.barrier()
+        if env.is_main:
+            _write_index(tmp, model, run, env, tokenizer_dir)
+            write_json(tmp / TRAINER / "state.json", {
+                "step": step, "tokens": tokens, "world_size": env.world_size, "ep": env.ep_size,
+                "dp": env.dp_size, "run": run.as_dict(),
+            })
+
+
+def _write_rank_files(tmp: Path, model: CausalLM, optimizer: torch.optim.AdamW, reader: TokenSequenceReader,
+                      run: TrainConfig, env: ParallelEnv) -> None:
+    """This rank's files. One replica of each expert slice (``dp_rank`` 0) writes the weights and the
+    AdamW moments of its experts (rank 0 also those of everything else); every rank writes its data
+    position and RNG state."""
+    save_dtype = torch.bfloat16 if run.save_dtype == "bf16" else torch.float32
+    if env.dp_rank == 0:
+        experts_only = not env.is_main
+        weights = {n: t.detach().to(save_dtype).contiguous().cpu()
+                   for n, t in _hf_tensors(model, model.state_dict(), experts_only)}
+        save_file(weights, str(tmp / _shard_file(env.ep_rank, env.ep_size)), metadata={"format": "pt"})
+        moments = {}
+        params = dict(model.named_parameters())
+        for key in MOMENTS:
+            state = {n: optimizer.state[p][key] for n, p in params.items() if p in optimizer.state}
+            moments.update(_hf_tensors(model, state, experts_only, suffix=f".{key}"))
+        moments = {n: t.detach().contiguous().cpu() for n, t in moments.items()}
+        save_file(moments, str(tmp / _optimizer_file(env.ep_rank)))
+    write_json(tmp / _rank_file(env.rank), {"data": reader.state_dict(), "rng": _rng_state()})
+
+
+def _write_index(tmp: Path, model: CausalLM, run: TrainConfig, env: ParallelEnv, tokenizer_dir: Path | None) -> None:
+    """The index over the ranks' shards (expert e lives in the shard of rank ``e // num_local``),
+    config.json and the tokenizer: what makes the folder an HF checkpoint."""
+    cfg = model.config
+    weight_map: dict[str, str] = {}
+    num_local = cfg.num_experts // env.ep_size if cfg.is_moe else 0
+    for name in model.state_dict():
+        if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        if not _is_stacked(name):
+            weight_map[name] = _shard_file(0, env.ep_size)
+            continue
+        for e, hf_name in enumerate(_hf_expert_names(name, 0, cfg.num_experts)):
+            weight_map[hf_name] = _shard_file(e // num_local, env.ep_size)
+    total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
+    write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+    write_config(tmp, cfg, torch.bfloat16 if run.save_dtype == "bf16" else torch.float32)
+    if tokenizer_dir is not None:
+        copy_tokenizer_files(tokenizer_dir, tmp)
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be resumed from, or None when it is a complete training checkpoint."""
+    if not path.is_dir():
+        return "does not exist"
+    try:
+        state = json.loads((path / TRAINER / "state.json").read_text())
+        weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+        step, world, ep_size = int(state["step"]), int(state["world_size"]), int(state["ep"])
+    except FileNotFoundError as e:
+        return f"is incomplete (no {Path(e.filename).relative_to(path)})"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"is unreadable ({e})"
+    if f"step-{step:08d}" != path.name:
+        return f"holds step {step}, not the step its name says"
+    needed = [*sorted(set(weight_map.values())), "config.json", *(_rank_file(r) for r in range(world)),
+              *(_optimizer_file(e) for e in range(ep_size))]
+    missing = [name for name in needed if not (path / name).is_file()]
+    return f"is incomplete (no {missing[0]})" if missing else None
+
+
+def training_state(path: Path, world_size: int) -> dict[str, Any]:
+    """``trainer/state.json`` of the checkpoint at ``path``, refused unless it was written by
+    ``world_size`` data ranks: each rank saved its own data position, which cannot be redistributed."""
+    state_file = path / TRAINER / "state.json"
+    if not state_file.is_file():
+        raise UserError(f"{path} is not a training checkpoint (no trainer/state.json)")
+    state = json.loads(state_file.read_text())
+    if state["world_size"] != world_size:
+        raise UserError(f"{path} was written by {state['world_size']} data ranks; resuming with {world_size} "
+                        "cannot restore the data position (use it as init: instead)")
+    return state
+
+
+def load_checkpoint(path: Path, model: CausalLM, optimizer: torch.optim.AdamW, reader: TokenSequenceReader,
+                    env: ParallelEnv) -> dict[str, Any]:
+    """Restore weights, AdamW moments (any EP size), and this rank's data position and RNG; return
+    ``state.json``."""
+    state = training_state(path, env.world_size)
+    load_state_into(model, CheckpointReader(path))
+    _load_moments(path / TRAINER, model, optimizer, state["step"])
+    rank_state = json.loads((path / _rank_file(env.rank)).read_text())
+    reader.load_state_dict(rank_state["data"])
+    _set_rng_state(rank_state["rng"])
+    return state
+
+
+def _load_moments(trainer_dir: Path, model: CausalLM, optimizer: torch.optim.AdamW, step: int) -> None:
+    """Rebuild AdamW's state of this rank's parameters, whatever expert-parallel layout saved it.
+
+    The moments are stored like the weights, one tensor per HF name (``<name>.exp_avg``,
+    ``<name>.exp_avg_sq``): the non-expert ones once, each expert's in the file of the rank that held
+    it then. So every name is looked up across all ``optimizer-*`` files, and a stacked parameter
+    gathers the experts this rank holds now, which need not be the ones that rank held. ``step`` is
+    AdamW's step count, the same for every parameter (gradient reduction gives each parameter a
+    gradient at every step), kept as torch keeps it: a float tensor.
+    """
+    handles = [safe_open(str(f), framework="pt") for f in sorted(trainer_dir.glob("optimizer-*.safetensors"))]
+    where = {k: h for h in handles for k in h.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
+
+    def get(key: str) -> torch.Tensor:
+        if key not in where:
+            raise UserError(f"optimizer state {key} missing from {trainer_dir}")
+        return where[key].get_tensor(key)
+
+    for name, p in model.named_parameters():  # a tied LM head is one parameter with the embedding
+        st: dict[str, torch.Tensor] = {"step": torch.tensor(float(step))}
+        for key in MOMENTS:
+            if _is_stacked(name):
+                t = torch.stack([get(k) for k in _hf_expert_names(name, model.expert_offset(name), p.shape[0],
+                                                                   suffix=f".{key}")])
+            else:
+                t = get(f"{name}.{key}")
+            st[key] = t.to(device=p.device, dtype=p.dtype)
+        optimizer.state[p] = st
+
+
+def _rng_state() -> dict[str, str]:
+    state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available():
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return state
+
+
+def _set_rng_state(state: dict[str, str]) -> None:
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8))

@@ -2,11 +2,14 @@
 
 Reads top to bottom: RMSNorm, rotary embedding, grouped-query attention (SDPA, causal), the
 SwiGLU MLP, a decoder layer whose FFN is either the dense MLP (``mlp``) or the sparse MoE block
-(``block_sparse_moe``, see :mod:`drop_upcycling.moe`), the decoder and the LM head.
+(``block_sparse_moe``, see :mod:`drop_upcycling.moe`), the decoder and the LM head, and the loss
+that training optimizes (:func:`causal_lm_loss`: the model computes it with labels, the trainer
+calls it directly with its data-parallel group).
 
 Every parameter has the name of its ``LlamaForCausalLM`` / ``MixtralForCausalLM`` counterpart,
 except that the experts of a layer are stacked into ``experts.w1|w2|w3`` tensors for grouped
-compute; :mod:`drop_upcycling.checkpoint` maps them to HF's per-expert tensors on disk.
+compute; :mod:`drop_upcycling.checkpoint` maps them to HF's per-expert tensors on disk. Under
+expert parallelism a model holds ``num_local`` of the ``E`` experts, from global id ``expert_offset``.
 
 Random initialization is keyed: every tensor's values come from a generator seeded by (seed,
 tensor name), so a model is the same whatever order or device layout it is built in.
@@ -18,11 +21,13 @@ import hashlib
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from .configs import ModelConfig
 from .moe import Dispatcher, SparseMoeBlock, load_balancing_loss, router_z_loss
+from .parallel import all_reduce_mean
 
 
 def keyed_generator(seed: int, *key: object) -> torch.Generator:
@@ -90,7 +95,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, num_local_experts: int | None, expert_offset: int,
+    def __init__(self, cfg: ModelConfig, num_local: int | None, expert_offset: int,
                  dispatcher: Dispatcher | None) -> None:
         super().__init__()
         self.self_attn = Attention(cfg)
@@ -99,7 +104,7 @@ class DecoderLayer(nn.Module):
         if cfg.is_moe:
             self.block_sparse_moe = SparseMoeBlock(
                 cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
-                num_local=num_local_experts, expert_offset=expert_offset, dispatcher=dispatcher,
+                num_local=num_local, expert_offset=expert_offset, dispatcher=dispatcher,
             )
         else:
             self.mlp = MLP(cfg)
@@ -114,39 +119,94 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: ModelConfig, num_local_experts: int | None, expert_offset: int,
+    def __init__(self, cfg: ModelConfig, num_local: int | None, expert_offset: int,
                  dispatcher: Dispatcher | None) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, num_local_experts, expert_offset, dispatcher) for _ in range(cfg.num_hidden_layers)
+            DecoderLayer(cfg, num_local, expert_offset, dispatcher) for _ in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 @dataclass
-class CausalLMOutput:
-    logits: torch.Tensor
-    loss: torch.Tensor | None = None  # what is optimized: lm_loss + coef * aux_loss (+ z-loss)
-    lm_loss: torch.Tensor | None = None
+class Losses:
+    """What training optimizes, and its terms (the MoE terms are None for a dense model)."""
+
+    loss: torch.Tensor  # lm_loss + router_aux_loss_coef * aux_loss (+ router_z_loss_coef * z_loss)
+    lm_loss: torch.Tensor
     aux_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None
-    router_logits: list[torch.Tensor] = field(default_factory=list)  # per layer, [T, E]
-    expert_ids: list[torch.Tensor] = field(default_factory=list)  # per layer, [T, K] (on request)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, router_logits: list[torch.Tensor],
+                   cfg: ModelConfig, group: dist.ProcessGroup | None = None) -> Losses:
+    """The training loss of one batch: next-token cross-entropy plus the weighted router losses.
+
+    ``labels`` follow HF: the shape of the input ids, shifted here, -100 ignored. Without ``group``
+    this is HF's loss on the batch. With ``group`` (data parallelism) it is this rank's share: its
+    mean over the ranks of ``group`` equals the loss of their concatenated batches. For that the
+    cross-entropy sum is divided by the mean number of predicted tokens per rank (a rank with more
+    ignored labels weighs less), and the balance loss uses the routing fractions of the whole group
+    (:func:`~drop_upcycling.moe.load_balancing_loss`); the z-loss is a plain token mean.
+    """
+    targets = labels[:, 1:].reshape(-1)
+    ce_sum = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets, ignore_index=-100,
+                             reduction="sum")
+    n_valid = (targets != -100).sum().to(torch.float64)
+    if group is not None and dist.get_world_size(group) > 1:
+        n_valid = all_reduce_mean(n_valid, group)
+    # On one rank this is reduction="mean" (the same sum over the same count; bitwise so on CPU).
+    lm_loss = ce_sum / n_valid.to(ce_sum.dtype)
+    losses = Losses(loss=lm_loss, lm_loss=lm_loss)
+    if router_logits:
+        losses.aux_loss = load_balancing_loss(router_logits, cfg.num_experts, cfg.num_experts_per_tok,
+                                              cfg.aux_loss_mode, group=group)
+        losses.loss = losses.loss + cfg.router_aux_loss_coef * losses.aux_loss
+        if cfg.router_z_loss_coef > 0:
+            losses.z_loss = router_z_loss(router_logits)
+            losses.loss = losses.loss + cfg.router_z_loss_coef * losses.z_loss
+    return losses
+
+
+@dataclass
+class CausalLMOutput:
+    """What :meth:`CausalLM.forward` returns; the loss terms are read under HF's names (``out.loss``)."""
+
+    logits: torch.Tensor
+    router_logits: list[torch.Tensor] = field(default_factory=list)  # per MoE layer, [T, E]
+    expert_ids: list[torch.Tensor] = field(default_factory=list)  # per MoE layer, [T, K] (on request)
+    losses: Losses | None = None  # when labels were given
+
+    @property
+    def loss(self) -> torch.Tensor | None:
+        return None if self.losses is None else self.losses.loss
+
+    @property
+    def lm_loss(self) -> torch.Tensor | None:
+        return None if self.losses is None else self.losses.lm_loss
+
+    @property
+    def aux_loss(self) -> torch.Tensor | None:
+        return None if self.losses is None else self.losses.aux_loss
+
+    @property
+    def z_loss(self) -> torch.Tensor | None:
+        return None if self.losses is None else self.losses.z_loss
 
 
 class CausalLM(nn.Module):
     """``LlamaForCausalLM`` when ``cfg.num_experts == 0``, else ``MixtralForCausalLM``.
 
-    ``num_local_experts``/``expert_offset`` hold a slice of the experts (expert parallelism);
+    ``num_local``/``expert_offset`` hold a slice of the experts (expert parallelism; default: all);
     ``dispatcher`` replaces the single-device token grouping.
     """
 
-    def __init__(self, cfg: ModelConfig, num_local_experts: int | None = None, expert_offset: int = 0,
+    def __init__(self, cfg: ModelConfig, num_local: int | None = None, expert_offset: int = 0,
                  dispatcher: Dispatcher | None = None) -> None:
         super().__init__()
         self.config = cfg
-        self.model = Decoder(cfg, num_local_experts, expert_offset, dispatcher)
+        self.model = Decoder(cfg, num_local, expert_offset, dispatcher)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -165,34 +225,22 @@ class CausalLM(nn.Module):
                 if return_expert_ids:
                     expert_ids.append(routing.ids_TK)
         logits = self.lm_head(self.model.norm(x))
-        out = CausalLMOutput(logits=logits, router_logits=router_logits, expert_ids=expert_ids)
-        if labels is None:
-            return out
-        out.lm_loss = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
-        )
-        out.loss = out.lm_loss
-        if router_logits:
-            out.aux_loss = load_balancing_loss(router_logits, cfg.num_experts, cfg.num_experts_per_tok, cfg.aux_loss_mode)
-            out.loss = out.loss + cfg.router_aux_loss_coef * out.aux_loss
-            if cfg.router_z_loss_coef > 0:
-                out.z_loss = router_z_loss(router_logits)
-                out.loss = out.loss + cfg.router_z_loss_coef * out.z_loss
-        return out
+        losses = None if labels is None else causal_lm_loss(logits, labels, router_logits, cfg)
+        return CausalLMOutput(logits=logits, router_logits=router_logits, expert_ids=expert_ids, losses=losses)
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
         """HF's default init (normal(0, initializer_range), norms at 1), keyed per tensor name."""
         for name, param in self.named_parameters():
             param.copy_(init_tensor(name, tuple(param.shape), self.config, seed, param.dtype,
-                                    expert_offset=_expert_offset_of(self, name)))
+                                    expert_offset=self.expert_offset(name)))
 
-
-def _expert_offset_of(model: CausalLM, name: str) -> int:
-    if ".experts." not in name:
-        return 0
-    layer = int(name.split(".")[2])
-    return model.model.layers[layer].block_sparse_moe.experts.expert_offset
+    def expert_offset(self, name: str) -> int:
+        """Global id of the first expert that tensor ``name`` holds (0 for tensors that are not experts'):
+        what keys an expert's random draws and its name on disk, whatever the expert-parallel layout."""
+        if ".experts." not in name:
+            return 0
+        return self.get_submodule(name.rsplit(".", 1)[0]).expert_offset
 
 
 def init_tensor(name: str, shape: tuple[int, ...], cfg: ModelConfig, seed: int,

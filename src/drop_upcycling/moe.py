@@ -127,7 +127,7 @@ class _AllToAllContext:
 
 
 class AllToAllDispatcher:
-    """Expert parallelism: rank i of ``group`` holds global experts ``[i*L, (i+1)*L)``, ``L = E / ep``.
+    """Expert parallelism: rank i of ``group`` holds global experts ``[i*L, (i+1)*L)``, ``L = E / ep_size``.
 
     dispatch: sort the local copies by global expert (so they are contiguous by destination rank),
     exchange per-expert counts with ``all_to_all_single``, exchange the rows (uneven splits), and

@@ -2,12 +2,13 @@
 
 This is the one place that decides CPU-gloo vs GPU-NCCL. The topology is nanotron 0.4's: ranks are
 laid out as ``(ep, pp, dp, tp)`` and its ``expert_pg`` groups the ranks that exchange tokens. We use
-``tp = pp = 1``, so every rank consumes its own slice of the data (``dp * ep`` data ranks) and:
+``tp = pp = 1``, so every rank consumes its own slice of the data (``dp_size * ep_size`` data ranks;
+the loss each rank back-propagates is :func:`drop_upcycling.model.causal_lm_loss` over ``world_pg``) and:
 
 - non-expert gradients are averaged over all ranks (``world_pg``);
 - expert gradients are summed over the ranks holding the same experts (nanotron's ``dp_pg``, the
   ranks with the same expert-parallel index) and divided by the number of data ranks, because the
-  all-to-all backward already summed the contributions of the ``ep`` ranks that sent tokens.
+  all-to-all backward already summed the contributions of the ``ep_size`` ranks that sent tokens.
 
 nanotron 0.4 hard-codes CUDA in ``ParallelContext.set_device`` and refuses to create the default
 group without a GPU, so on CPU we create the gloo default group ourselves first and override only
@@ -20,11 +21,15 @@ import datetime
 import os
 import socket
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .configs import TrainConfig
 
 
 def free_port() -> int:
@@ -57,17 +62,30 @@ def resolve_device(device: str | None = None) -> str:
     raise UserError(f"device {device!r} is not supported: expected cpu, cuda or cuda:N")
 
 
-def validate_layout(world_size: int, ep: int, num_experts: int) -> int:
-    """Check ``world = dp * ep`` and ``E % ep == 0``; return dp. Violations are one-line UserErrors."""
-    if ep < 1:
-        raise UserError(f"expert-parallel size must be >= 1, got {ep}")
-    if world_size % ep:
-        raise UserError(f"world size {world_size} is not divisible by the expert-parallel size {ep}")
-    if ep > 1 and num_experts == 0:
-        raise UserError(f"expert parallelism (ep={ep}) needs an MoE model; this model is dense")
-    if num_experts and num_experts % ep:
-        raise UserError(f"the number of experts ({num_experts}) is not divisible by the expert-parallel size {ep}")
-    return world_size // ep
+def validate_layout(world_size: int, ep_size: int, num_experts: int) -> int:
+    """Check ``world_size = dp_size * ep_size`` and ``E % ep_size == 0``; return dp_size. Violations are
+    one-line UserErrors."""
+    if ep_size < 1:
+        raise UserError(f"expert-parallel size must be >= 1, got {ep_size}")
+    if world_size % ep_size:
+        raise UserError(f"world size {world_size} is not divisible by the expert-parallel size {ep_size}")
+    if ep_size > 1 and num_experts == 0:
+        raise UserError(f"expert parallelism (ep={ep_size}) needs an MoE model; this model is dense")
+    if num_experts and num_experts % ep_size:
+        raise UserError(f"the number of experts ({num_experts}) is not divisible by the expert-parallel size "
+                        f"{ep_size}")
+    return world_size // ep_size
+
+
+def accumulation_steps(run: TrainConfig, world_size: int) -> int:
+    """Micro-batches per rank and optimizer step: the global batch split over ``world_size`` data ranks
+    of ``micro_batch_size`` sequences each; a batch that does not split evenly is a one-line UserError."""
+    seqs = run.global_batch_tokens // run.seq_len
+    per_step = world_size * run.micro_batch_size
+    if seqs % per_step:
+        raise UserError(f"global batch of {seqs} sequences is not divisible by {world_size} ranks x micro batch "
+                        f"{run.micro_batch_size}")
+    return seqs // per_step
 
 
 def _parallel_context_class():
@@ -96,7 +114,6 @@ class ParallelEnv:
     world_pg: dist.ProcessGroup
     expert_pg: dist.ProcessGroup  # ranks exchanging tokens (hold different experts)
     expert_dp_pg: dist.ProcessGroup  # ranks holding the same experts (nanotron's dp_pg)
-    context: object  # the nanotron ParallelContext
 
     @property
     def is_main(self) -> bool:
@@ -110,14 +127,22 @@ class ParallelEnv:
     def barrier(self) -> None:
         dist.barrier(group=self.world_pg)
 
+    def broadcast_str(self, value: str | None) -> str:
+        """Rank 0's ``value`` on every rank (what the others pass is ignored)."""
+        obj = [value]
+        if self.world_size > 1:
+            dist.broadcast_object_list(obj, src=0, group=self.world_pg)
+        return obj[0]
+
     def destroy(self) -> None:
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
 
 
-def init_parallel(ep: int = 1, num_experts: int = 0, device: str | None = None) -> ParallelEnv:
-    """Create the process groups for ``dp x ep`` (``dp = world / ep``) and return the environment.
+def init_parallel(ep_size: int = 1, num_experts: int = 0, device: str | None = None) -> ParallelEnv:
+    """Create the process groups for ``dp_size x ep_size`` (``dp_size = world / ep_size``) and return the
+    environment.
 
     Reads torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_*``; a plain ``python`` run is a
     world of one on a free local port. ``device``: ``cuda`` (NCCL) when available, else ``cpu`` (gloo).
@@ -127,14 +152,14 @@ def init_parallel(ep: int = 1, num_experts: int = 0, device: str | None = None) 
                           MASTER_PORT=str(free_port()))
     world_size = int(os.environ["WORLD_SIZE"])
     rank = int(os.environ["RANK"])
-    dp = validate_layout(world_size, ep, num_experts)
+    dp_size = validate_layout(world_size, ep_size, num_experts)
     use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise UserError("device 'cuda' requested but no GPU is visible")
     base_cls, cpu_cls = _parallel_context_class()
     if use_cuda:
-        ctx = base_cls(tensor_parallel_size=1, pipeline_parallel_size=1, data_parallel_size=dp,
-                       expert_parallel_size=ep)
+        ctx = base_cls(tensor_parallel_size=1, pipeline_parallel_size=1, data_parallel_size=dp_size,
+                       expert_parallel_size=ep_size)
         dev = torch.device("cuda", torch.cuda.current_device())
     else:
         if not dist.is_initialized():
@@ -142,21 +167,20 @@ def init_parallel(ep: int = 1, num_experts: int = 0, device: str | None = None) 
                                     timeout=datetime.timedelta(minutes=10))
         # backend="nccl" only satisfies nanotron's assertion; the default group is already gloo and
         # nanotron creates every sub-group with dist.get_backend().
-        ctx = cpu_cls(tensor_parallel_size=1, pipeline_parallel_size=1, data_parallel_size=dp,
-                      expert_parallel_size=ep)
+        ctx = cpu_cls(tensor_parallel_size=1, pipeline_parallel_size=1, data_parallel_size=dp_size,
+                      expert_parallel_size=ep_size)
         dev = torch.device("cpu")
     return ParallelEnv(
         rank=rank,
         world_size=world_size,
         dp_rank=dist.get_rank(ctx.dp_pg),
-        dp_size=dp,
+        dp_size=dp_size,
         ep_rank=dist.get_rank(ctx.expert_pg),
-        ep_size=ep,
+        ep_size=ep_size,
         device=dev,
         world_pg=ctx.world_pg,
         expert_pg=ctx.expert_pg,
         expert_dp_pg=ctx.dp_pg,
-        context=ctx,
     )
 
 
@@ -224,45 +248,6 @@ def all_reduce_mean(values: torch.Tensor, group: dist.ProcessGroup) -> torch.Ten
     if n > 1:
         dist.all_reduce(out, group=group)
     return out / n
-
-
-# ---------------------------------------------------------------------------- the per-rank loss
-@dataclass
-class Losses:
-    loss: torch.Tensor  # what this rank back-propagates (its share of the global-batch loss)
-    lm_loss: torch.Tensor
-    aux_loss: torch.Tensor | None
-    z_loss: torch.Tensor | None
-
-
-def data_parallel_loss(logits: torch.Tensor, labels: torch.Tensor, router_logits: list[torch.Tensor],
-                       cfg, group: dist.ProcessGroup | None = None) -> Losses:
-    """This rank's loss, such that its mean over the ranks of ``group`` equals the loss that
-    :class:`~drop_upcycling.model.CausalLM` computes on the concatenated global batch.
-
-    The cross-entropy sum is divided by the mean number of predicted tokens per rank (so ranks with
-    more ignored labels weigh less), and the balance loss uses the routing fractions of the whole
-    group (:func:`~drop_upcycling.moe.load_balancing_loss`); the z-loss is a plain token mean.
-    """
-    from .moe import load_balancing_loss, router_z_loss
-
-    targets = labels[:, 1:].reshape(-1)
-    ce_sum = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets, ignore_index=-100, reduction="sum"
-    )
-    n_valid = (targets != -100).sum().to(torch.float64)
-    if group is not None and dist.get_world_size(group) > 1:
-        n_valid = all_reduce_mean(n_valid, group)
-    lm_loss = ce_sum / n_valid.to(ce_sum.dtype)
-    loss, aux, z = lm_loss, None, None
-    if router_logits:
-        aux = load_balancing_loss(router_logits, cfg.num_experts, cfg.num_experts_per_tok, cfg.aux_loss_mode,
-                                  group=group)
-        loss = loss + cfg.router_aux_loss_coef * aux
-        if cfg.router_z_loss_coef > 0:
-            z = router_z_loss(router_logits)
-            loss = loss + cfg.router_z_loss_coef * z
-    return Losses(loss=loss, lm_loss=lm_loss, aux_loss=aux, z_loss=z)
 
 
 # ---------------------------------------------------------------------------- local multi-process runs

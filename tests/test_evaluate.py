@@ -343,7 +343,7 @@ def test_runs_give_their_latest_checkpoints(dense_dir: Path, tmp_path: Path) -> 
 
 
 def test_evaluation_does_not_import_training() -> None:
-    """Evaluation reads run folders through :mod:`drop_upcycling.run_layout`, not the training code."""
+    """Evaluation reads run folders through :mod:`drop_upcycling.layout`, not the training code."""
     import subprocess
     import sys
 

@@ -13,8 +13,8 @@ import csv
 import json
 from pathlib import Path
 
+from drop_upcycling.layout import METRICS, ReproLayout
 from drop_upcycling.methods import DENSE
-from drop_upcycling.repro_layout import METRICS, ReproLayout
 from drop_upcycling.smoke import SCALES
 
 MOE_METHODS = SCALES["ci"].methods  # every scale runs at least these

@@ -37,6 +37,7 @@ import pandas as pd
 from .configs import load_json
 from .errors import UserError
 from .fsio import write_text
+from .layout import METRICS, RUN_JSON
 from .methods import order_methods  # the paper's order for tables and legends, from the method table
 
 log = logging.getLogger(__name__)
@@ -108,8 +109,8 @@ def read_run(path: str | Path) -> Run:
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{path} is not a run directory")
-    metrics = read_metrics(path / "metrics.jsonl")
-    info_path = path / "run.json"
+    metrics = read_metrics(path / METRICS)
+    info_path = path / RUN_JSON
     if not info_path.is_file():
         raise UserError(f"{path} has no run.json (written by drop-upcycling train)")
     info = load_json(info_path)

@@ -38,6 +38,7 @@ from urllib.parse import urlparse
 from .checkpoint import TOKENIZER_FILES, CheckpointReader
 from .errors import UserError
 from .fsio import atomic_dir, write_text
+from .layout import CHECKPOINTS, LATEST, latest_checkpoint
 from .local_suite import (
     LOCAL_GROUP,
     LOCAL_SIZES,
@@ -46,7 +47,6 @@ from .local_suite import (
     resolve_test_dir,
     wants_local,
 )
-from .run_layout import CHECKPOINTS, LATEST, latest_checkpoint
 
 log = logging.getLogger(__name__)
 

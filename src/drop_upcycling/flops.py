@@ -223,7 +223,7 @@ def plot_plan(rows: Sequence[dict], kind: str = "6n"):
 
 
 # ============================================================================ formatting
-def _human(x: float) -> str:
+def human_count(x: float) -> str:
     """Counts with B/M/T suffixes (parameters, tokens): 0.152B, 500B, 2.1T."""
     for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
         if abs(x) >= scale:
@@ -234,7 +234,7 @@ def _human(x: float) -> str:
 def _cell(column: str, x: object) -> str:
     if not isinstance(x, (int, float)) or column in ("seq_len",):
         return str(x)
-    return f"{x:.3e}" if "flops" in column else _human(float(x))
+    return f"{x:.3e}" if "flops" in column else human_count(float(x))
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
@@ -339,7 +339,7 @@ def _print_plan(plan: TrainingPlan, causal: bool, fmt: str) -> int:
             "total_flops_6n", "total_flops_full"]
     print(format_table(rows, cols))
     print()
-    print(f"headline: {head['moe']} ({_human(head['moe_active_params'])} active, seed pre-training included) vs "
-          f"{head['reference']} ({_human(head['reference_params'])} params, {_human(plan.reference_tokens)} tokens): "
+    print(f"headline: {head['moe']} ({human_count(head['moe_active_params'])} active, seed pre-training included) vs "
+          f"{head['reference']} ({human_count(head['reference_params'])} params, {human_count(plan.reference_tokens)} tokens): "
           f"{head['ratio_6n']:.3f} of its training FLOPs by 6N, {head['ratio_full']:.3f} by the full count")
     return 0

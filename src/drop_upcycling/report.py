@@ -5,9 +5,9 @@ Reads the files a reproduction leaves behind (never imports the trainer) and wri
 from the numbers), ``DIR/findings.json`` (the same verdicts, machine-readable) and the figures and
 CSV tables it shows.
 
-Layout of ``RUN_DIR``: the contract in :mod:`drop_upcycling.repro_layout` (what the smoke recipe
+Layout of ``RUN_DIR``: the contract in :mod:`drop_upcycling.layout` (what the smoke recipe
 writes; only ``runs/`` is required). :func:`discover` finds its parts through
-:class:`~drop_upcycling.repro_layout.ReproLayout`, the same names the smoke recipe writes with.
+:class:`~drop_upcycling.layout.ReproLayout`, the same names the smoke recipe writes with.
 
 Findings (each ``reproduced`` is true, false, or null when the inputs to test it are missing):
 
@@ -41,9 +41,9 @@ import pandas as pd
 from .configs import load_json
 from .data_pipeline import sha256_file
 from .errors import UserError
+from .layout import METRICS, RECORDS, ROUTING_COUNTS, ReproLayout
 from .methods import DENSE, lookup, order_methods
 from .methods import rank as method_rank
-from .repro_layout import METRICS, RECORDS, ROUTING_COUNTS, ReproLayout
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class RunDir:
 
 
 def discover(root: str | Path) -> RunDir:
-    """Find the parts of the layout contract (:mod:`drop_upcycling.repro_layout`) under ``root``."""
+    """Find the parts of the layout contract (:mod:`drop_upcycling.layout`) under ``root``."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root} is not a directory")
@@ -308,14 +308,14 @@ def flops_rows(runs: list, pretrain, branches: list | None = None) -> list[dict]
     domain branches (BTX) their training (``btx_branches/``): the ``from_dense`` and ``branches``
     columns of the method table."""
     from .configs import ModelConfig
-    from .flops import _human, flops_row
+    from .flops import flops_row, human_count
 
     def row_of(run, method: str, seed: dict[str, float]) -> dict:
         info = run.info
         cfg = ModelConfig.from_hf_dict(info["model"], name=run.name)
         fr = flops_row(cfg, (info.get("run") or {}).get("seq_len") or None)
         tokens = float(run.metrics["tokens"].iloc[-1])
-        out = {"model": f"{_human(fr['total_params'])} params", "method": method, "run": run.name,
+        out = {"model": f"{human_count(fr['total_params'])} params", "method": method, "run": run.name,
                "total_params": fr["total_params"], "active_params": fr["active_params"],
                "flops_per_token_6n": fr["flops_per_token_6n"], "flops_per_token_full": fr["flops_per_token_full"],
                "seed_tokens": seed["tokens"], "tokens": tokens}
@@ -469,7 +469,8 @@ def _analyze(rd: RunDir, out: Path, window: int | None, last: int | None, format
     from .curves import analyze_curves, read_run
     from .flops import plot_plan
     from .plotstyle import save_figure
-    from .routing import analyze_routing, read_counts, routing_metrics
+    from .routing import analyze_routing, routing_metrics
+    from .routing_csv import read_counts
 
     curves = analyze_curves(rd.run_dirs, out / "curves", window=window, last=last, formats=formats)
     runs = [r for c in curves["curves"].values() for r in c.runs]

@@ -15,7 +15,7 @@
 9. ``analyze``: routing figure and metrics, loss curves, FLOPs table (``drop-upcycling analyze``, ``flops``).
 10. ``report``: ``drop-upcycling report OUT --out REPORT`` (default ``OUT/report``): README, figures, verdicts.
 
-Layout of ``OUT``: the contract in :mod:`drop_upcycling.repro_layout`, which names every path this
+Layout of ``OUT``: the contract in :mod:`drop_upcycling.layout`, which names every path this
 module writes and :mod:`drop_upcycling.report` reads (``runs/<label>/``, ``pretrain/dense/``,
 ``btx_branches/<domain>/``, ``checks/first_batch.json``, ``eval/results.csv``,
 ``routing/<label>/routing_counts.csv``, ``smoke.json`` (the manifest: scale, runs, methods, seeds, stage
@@ -48,8 +48,8 @@ import yaml
 
 from .checkpoint import write_json as _write_json_file
 from .errors import UserError
+from .layout import METRICS, ReproLayout, checkpoint_dir, run_label
 from .methods import BY_KEY, DENSE, MOE_METHODS, Method
-from .repro_layout import ReproLayout, run_label
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ class Smoke:
 
     # -- paths
     def final_checkpoint(self, run_dir: Path, steps: int) -> Path:
-        return run_dir / "checkpoints" / f"step-{steps:08d}"
+        return checkpoint_dir(run_dir, steps)
 
     @property
     def pretrain_dir(self) -> Path:
@@ -430,7 +430,7 @@ class Smoke:
         # Only an interrupted run (same hash, see Pipeline._prepare) is resumed: a fresh one writes run.json.
         # One killed before its first checkpoint has nothing to resume from: it starts over (--restart).
         resume = []
-        if (out / "metrics.jsonl").is_file():
+        if (out / METRICS).is_file():
             from .train import resume_point
 
             try:

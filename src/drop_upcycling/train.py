@@ -48,6 +48,7 @@ from .checkpoint import checkpoint_problem, load_checkpoint, load_model, save_ch
 from .configs import ModelConfig, TrainConfig
 from .errors import UserError
 from .fsio import claim, make_parent, remove_orphans, write_json, write_text, writing
+from .layout import CHECKPOINTS, LATEST, METRICS, RUN_JSON, checkpoint_dir
 from .model import CausalLM, causal_lm_loss
 from .moe import AllToAllDispatcher
 from .parallel import (
@@ -59,7 +60,6 @@ from .parallel import (
     reduce_gradients,
     validate_layout,
 )
-from .run_layout import CHECKPOINTS, LATEST, checkpoint_dir
 
 if TYPE_CHECKING:
     from .data import TokenSequenceReader
@@ -158,7 +158,7 @@ class Trainer:
         self.step, self.tokens = state["step"], state["tokens"]
         if self.env.is_main:
             log.info("resumed from %s (step %d)", path, self.step)
-            _truncate_metrics(self.out / "metrics.jsonl", self.step)
+            _truncate_metrics(self.out / METRICS, self.step)
 
     def train_step(self) -> StepStats:
         """One optimizer step over the global batch; returns its metrics, the same on every rank.
@@ -203,7 +203,7 @@ class Trainer:
     def train(self) -> Path:
         run, env = self.run, self.env
         total = run.total_steps
-        metrics = self.out / "metrics.jsonl"
+        metrics = self.out / METRICS
         writer = _tensorboard(self.out, run) if env.is_main else None
         bar = _progress(total, self.step, env.is_main)
         try:  # the bar ends its line before an error message is printed
@@ -297,7 +297,7 @@ def write_run_json(out: Path, run: TrainConfig, cfg: ModelConfig, env: ParallelE
     """``run.json``: the run as started; each resume appends its step, layout and accepted config changes."""
     now = {"world_size": env.world_size, "dp": env.dp_size, "ep": env.ep_size, "device": str(env.device),
            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": _versions()}
-    path = out / "run.json"
+    path = out / RUN_JSON
     if resumed is not None and path.is_file():
         record = json.loads(path.read_text())
         record.setdefault("resumes", []).append({**resumed, **now})
@@ -321,7 +321,7 @@ def _prune(out: Path, keep_last: int) -> None:
     remove_orphans(out / CHECKPOINTS, everything=True)
 
 
-HISTORY = ("metrics.jsonl", "run.json", CHECKPOINTS, "tensorboard")
+HISTORY = (METRICS, RUN_JSON, CHECKPOINTS, "tensorboard")
 # Run fields that do not change what the run computes: where it is written, how often it saves, the
 # expert-parallel layout (same function to fp32 rounding), the plan-only sizes; init is only read at step 0.
 _FREE_FIELDS = {"out", "save_every", "keep_last", "ep", "nodes", "gpus_per_node", "tensorboard", "init"}
@@ -329,7 +329,7 @@ _FREE_DATA_FIELDS = {"corpus", "cache_dir"}  # locations: the corpus itself is c
 
 
 def _logged_steps(out: Path) -> int:
-    path = out / "metrics.jsonl"
+    path = out / METRICS
     return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.is_file() else 0
 
 

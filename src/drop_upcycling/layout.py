@@ -1,8 +1,17 @@
-"""The folder of a reproduction: what the smoke job writes and what the report reads.
+"""Folder layouts, written down once: a training run's folder and a reproduction's folder.
 
-The writer (:mod:`drop_upcycling.smoke`) and the reader (:mod:`drop_upcycling.report`) both take
-their paths from :class:`ReproLayout`; this docstring is the contract between them. Only ``runs/``
-is required by the report, so any recipe that leaves the same files can be reported on::
+**A training run** (``drop-upcycling train --out RUN``): ``RUN/metrics.jsonl`` (one JSON object per
+optimizer step), ``RUN/run.json`` (seed, config, versions, resumes), ``RUN/checkpoints/step-<8
+digits>/`` (each saved checkpoint, a plain HF directory) and ``RUN/checkpoints/latest``, a one-line
+text file naming the newest finished one. Training writes a checkpoint in a temp dir, renames it when
+whole and only then rewrites the pointer (atomically), so readers follow the pointer rather than guess
+from step numbers. Evaluation and analysis read runs through these names instead of importing
+:mod:`.train`, which would pull in torch's distributed stack and the optimizer.
+
+**A reproduction** (what the smoke job writes and the report reads): the writer
+(:mod:`drop_upcycling.smoke`) and the reader (:mod:`drop_upcycling.report`) both take their paths from
+:class:`ReproLayout`; the layout below is the contract between them. Only ``runs/`` is required by the
+report, so any recipe that leaves the same files can be reported on::
 
     OUT/
       runs/<label>/metrics.jsonl, run.json  every run of the comparison, one folder each (drop-upcycling
@@ -40,10 +49,31 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+# ---------------------------------------------------------------------------- a training run
+METRICS = "metrics.jsonl"
+RUN_JSON = "run.json"
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+
+
+def checkpoint_dir(out: Path, step: int) -> Path:
+    """Where run ``out`` saves the checkpoint after ``step`` optimizer steps."""
+    return out / CHECKPOINTS / f"step-{step:08d}"
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The checkpoint ``RUN/checkpoints/latest`` names, or None when there is no pointer or its directory is gone."""
+    pointer = out / CHECKPOINTS / LATEST
+    if not pointer.is_file():
+        return None
+    path = out / CHECKPOINTS / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+# ---------------------------------------------------------------------------- a reproduction
 RUNS = "runs"
 PRETRAIN = "pretrain"
 BRANCHES = "btx_branches"
-METRICS = "metrics.jsonl"
 ROUTING_COUNTS = "routing_counts.csv"
 MANIFEST = "smoke.json"
 PROVENANCE = "provenance.json"

@@ -313,6 +313,51 @@ def test_routing_cli_counts_test_split(small_split: tuple[Path, Path], tiny_moe_
                  "--tokenizer", str(tok_dir)]) == 2
 
 
+def test_routing_cli_default_reads_the_routing_texts_whole(pinned_corpus: Path, small_split: tuple[Path, Path, Path],
+                                                           tiny_moe_dir: Path, tmp_path: Path) -> None:
+    """The default text is the released analysis's: each domain's corpus file encoded at once, full
+    chunks only, up to the budget; an explicit --splits still reads the test split."""
+    import torch
+    from tokenizers import Tokenizer
+
+    from drop_upcycling.checkpoint import load_model
+    from drop_upcycling.count_routing import count_checkpoint
+
+    _, splits, tok_dir = small_split
+    budget, chunk = 1000, 128  # 7 full chunks (896 tokens): the partial eighth is dropped, as in the release
+    out = tmp_path / "counts"
+    assert main(["routing", str(tiny_moe_dir), "--out", str(out), "--corpus", str(pinned_corpus), "--tokenizer",
+                 str(tok_dir), "--tokens-per-domain", str(budget), "--chunk-len", str(chunk), "--domains", "c4",
+                 "ja_mc4"]) == 0
+    meta = json.loads((out / "routing_counts.json").read_text())
+    assert meta["source"].startswith("routing texts") and meta["tokens_per_domain"] == {"c4": 896, "ja_mc4": 896}
+    tokenizer = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    chunks = {}
+    for domain in ("c4", "ja_mc4"):
+        ids = tokenizer.encode((pinned_corpus / f"{domain}.txt").read_text(encoding="utf-8")).ids
+        chunks[domain] = [torch.tensor(ids[i:i + chunk]) for i in range(0, 896, chunk)]
+    expected = count_checkpoint(load_model(tiny_moe_dir), chunks, tiny_moe_dir.name, progress=False)
+    pd.testing.assert_frame_equal(pd.read_csv(out / "routing_counts.csv"), expected, check_dtype=False)
+    # A test split is still one flag away, and asking for both is one clear error.
+    assert main(["routing", str(tiny_moe_dir), "--out", str(tmp_path / "t"), "--splits", str(splits), "--tokenizer",
+                 str(tok_dir), "--tokens-per-domain", "256", "--chunk-len", str(chunk)]) == 0
+    assert json.loads((tmp_path / "t" / "routing_counts.json").read_text())["source"] == "JSONL documents"
+    assert main(["routing", str(tiny_moe_dir), "--out", str(tmp_path / "x"), "--splits", str(splits),
+                 "--text", "routing-texts", "--tokenizer", str(tok_dir)]) == 2
+    assert not (tmp_path / "x").exists()
+
+
+def test_report_says_which_text_the_routing_counts_came_from(tmp_path: Path) -> None:
+    from drop_upcycling.report import routing_text_sources
+
+    for label, source in (("a", "routing texts: x"), ("b", "prepared test shards"), ("c", "routing texts: x")):
+        (tmp_path / label).mkdir()
+        (tmp_path / label / "routing_counts.csv").write_text("")
+        (tmp_path / label / "routing_counts.json").write_text(json.dumps({"source": source}))
+    csvs = sorted(tmp_path.glob("*/routing_counts.csv"))
+    assert routing_text_sources(csvs) == ["routing texts: x", "prepared test shards"]
+
+
 def test_routing_cli_errors(small_split: tuple[Path, Path], tiny_moe_dir: Path, tiny_dense_dir: Path,
                             tmp_path: Path, capsys) -> None:
     _, splits, tok_dir = small_split

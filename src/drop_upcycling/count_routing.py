@@ -1,9 +1,12 @@
 """``drop-upcycling routing CKPT``: count top-k expert choices per domain by running a MoE checkpoint.
 
-This is the half of the routing analysis that needs torch and the model: feed each domain's test
-text through the checkpoint in fixed-length chunks and count, per layer and expert, how many top-k
+This is the half of the routing analysis that needs torch and the model: feed each domain's text
+through the checkpoint in fixed-length chunks and count, per layer and expert, how many top-k
 slots chose the expert (``assignments``) and how many different vocabulary ids it saw
-(``distinct_tokens``). The result is a counts CSV (:mod:`.routing_csv`) that the other half,
+(``distinct_tokens``). The text, by default, is what the authors' released analysis read: each
+domain's routing text (the corpus files) tokenized whole as one stream and cut into 101 full chunks of
+2048 tokens; ``--text test`` reads a held-out test split instead (documents with an end-of-text between
+them), which is what a model trained on those very texts should be measured on. The result is a counts CSV (:mod:`.routing_csv`) that the other half,
 :mod:`.routing` (metrics and Figure 5, ``drop-upcycling analyze routing``), reads without torch.
 
 Shape legend: B batch, S sequence, T tokens (B*S), K top-k, L layers, E experts, V vocabulary.
@@ -217,8 +220,50 @@ def _load_tokenizer(tokenizer_dir: Path, model_vocab: int):
     return tokenizer, tokenizer.token_to_id(EOS_TOKEN)
 
 
+TEXTS = ("routing-texts", "test")
+
+
+def text_choice(args: argparse.Namespace) -> str:
+    """``--text``, defaulting to the routing texts, or to the test split when --data / --splits name one."""
+    chosen = args.text or ("test" if args.data is not None or args.splits is not None else "routing-texts")
+    if chosen == "routing-texts" and (args.data is not None or args.splits is not None):
+        raise UserError("--data and --splits select a test split: drop them or pass --text test")
+    return chosen
+
+
+def routing_text_chunks(text: str, tokenizer, chunk_len: int, max_tokens: int) -> Iterator[torch.Tensor]:
+    """One domain's file as the released analysis read it: the whole text encoded at once (special tokens
+    as the tokenizer adds them), then consecutive full ``chunk_len`` chunks until ``max_tokens``; a
+    partial last chunk is dropped, as there."""
+    ids = tokenizer.encode(text).ids
+    usable = min(len(ids), max_tokens) // chunk_len * chunk_len
+    for start in range(0, usable, chunk_len):
+        yield torch.tensor(ids[start:start + chunk_len], dtype=torch.long)
+
+
+def _routing_text_sources(args: argparse.Namespace, ckpt: Path, vocab_size: int, chunk_len: int) -> tuple[dict, dict]:
+    """The authors' way: the corpus's domain files (``--corpus``, ``$DROP_UPCYCLING_CORPUS``, the user cache
+    or the pinned download), each tokenized whole with the checkpoint's tokenizer (or ``--tokenizer``)."""
+    from .data_pipeline import DOMAINS, corpus_file, resolve_corpus
+
+    tokenizer_dir = _tokenizer_dir(args, ckpt, None)
+    tokenizer, _ = _load_tokenizer(tokenizer_dir, vocab_size)
+    corpus = resolve_corpus(args.corpus)
+    domains = list(args.domains or DOMAINS)
+    unknown = [d for d in domains if d not in DOMAINS]
+    if unknown:
+        raise UserError(f"unknown domain(s) {', '.join(unknown)} (the routing texts have {', '.join(DOMAINS)})")
+    sources = {d: routing_text_chunks(corpus_file(corpus, d).read_text(encoding="utf-8"), tokenizer, chunk_len,
+                                      args.tokens_per_domain) for d in domains}
+    meta = {"source": "routing texts: each domain's file tokenized whole, full chunks (the released analysis)",
+            "corpus": str(corpus.resolve()), "tokenizer": str(tokenizer_dir.resolve()),
+            "tokenizer_sha256": sha256_file(tokenizer_dir / "tokenizer.json")}
+    return sources, meta
+
+
 def _domain_sources(args: argparse.Namespace, ckpt: Path, vocab_size: int, chunk_len: int) -> tuple[dict, dict]:
-    """(domain -> iterator of token chunks, provenance) for the test split chosen by the options.
+    """(domain -> iterator of token chunks, provenance) for the text chosen by the options: the routing
+    texts (:func:`_routing_text_sources`) or a test split, as below.
 
     Text: ``--splits`` (a folder of ``<domain>.jsonl``, or one with ``test/``), else ``--data`` (a
     prepared data directory), else the project's prepared data (:func:`drop_upcycling.data.prepare_all`,
@@ -227,6 +272,8 @@ def _domain_sources(args: argparse.Namespace, ckpt: Path, vocab_size: int, chunk
     (:func:`drop_upcycling.data.iter_domain_sequences`, whole windows only); otherwise the test
     documents are tokenized here (:func:`token_chunks`).
     """
+    if text_choice(args) == "routing-texts":
+        return _routing_text_sources(args, ckpt, vocab_size, chunk_len)
     prepared = _prepared_data(args, vocab_size) if args.splits is None else None
     tokenizer_dir = _tokenizer_dir(args, ckpt, prepared)
     tokenizer, eos_id = _load_tokenizer(tokenizer_dir, vocab_size)
@@ -313,13 +360,17 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help=f"tokens fed per domain (default {DEFAULT_TOKENS_PER_DOMAIN:,}, as in the released counts)")
     parser.add_argument("--tokenizer", type=Path, metavar="DIR",
                         help="tokenizer dir (default: the checkpoint's, else the prepared data's)")
+    parser.add_argument("--text", choices=TEXTS, help="routing-texts: each domain's corpus file tokenized whole, "
+                        "101 full 2048-token chunks, as the released analysis (default); test: a held-out test "
+                        "split, for models trained on these texts (default when --data or --splits is given)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--data", type=Path, metavar="DIR",
                         help="a prepared data directory (drop-upcycling data ...); its test split is used")
     source.add_argument("--splits", type=Path, metavar="DIR",
                         help="a folder of <domain>.jsonl test documents (or one holding test/)")
     parser.add_argument("--corpus", type=Path, metavar="DIR",
-                        help="corpus folder, when neither --data nor --splits is given (data is prepared once, cached)")
+                        help="corpus folder (default: $DROP_UPCYCLING_CORPUS, the user cache, else the pinned download): "
+                        "the routing texts, or the text prepared into a test split (once, cached)")
     parser.add_argument("--cache-dir", type=Path, metavar="DIR", help="cache for the prepared data")
     parser.add_argument("--vocab-size", type=int,
                         help="tokenizer size when preparing data (default: the model's vocab, as training does)")
@@ -338,6 +389,7 @@ def run(args: argparse.Namespace) -> int:
     from .parallel import resolve_device
 
     _check_options(args)
+    text_choice(args)
     device = resolve_device(args.device)
     if (args.out / COUNTS_FILE).exists() and not args.overwrite:
         raise UserError(f"{args.out / COUNTS_FILE} exists (pass --overwrite to replace it)")
@@ -379,7 +431,7 @@ def _tokens_counted(counts: pd.DataFrame, cfg, domains: list[str], args: argpars
     tokens = {d: int(per_layer[d]) for d in domains}
     short = {d: n for d, n in tokens.items() if n < args.tokens_per_domain}
     if short:
-        log.warning("fewer tokens than requested (test split too small or whole windows only): %s", short)
+        log.warning("fewer tokens than requested (text too short, or whole windows / chunks only): %s", short)
     return tokens
 
 

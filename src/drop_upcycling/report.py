@@ -437,6 +437,7 @@ class Analyses:
     routing: pd.DataFrame | None  # per-layer routing metrics of every model
     evals: pd.DataFrame | None  # one primary metric per task and checkpoint
     flops: list[dict]  # flops_rows
+    routing_text: list[str] = field(default_factory=list)  # what text the routing counts came from
 
 
 def _build(rd: RunDir, out: Path, window: int | None, last: int | None, start_tol: float, formats) -> dict:
@@ -459,7 +460,7 @@ def _build(rd: RunDir, out: Path, window: int | None, last: int | None, start_to
                "crossovers": crossovers.astype(object).where(crossovers.notna(), None).to_dict(orient="records"),
                "runs": runs_df.to_dict(orient="records"), "provenance": provenance}
     lines = [*_section_findings(rd, provenance, found), *_section_curves(a.curves), *_section_eval(a.evals),
-             *_section_routing(a.routing), *_section_compute(a.flops),
+             *_section_routing(a.routing, a.routing_text), *_section_compute(a.flops),
              *_section_provenance(provenance, rd.provenance, runs_df)]
     return {"findings": found, "json": _jsonable(payload), "readme": "\n".join(lines)}
 
@@ -493,7 +494,7 @@ def _analyze(rd: RunDir, out: Path, window: int | None, last: int | None, format
     if frows:
         pd.DataFrame(frows).to_csv(out / "flops.csv", index=False, float_format="%.6g")
         save_figure(plot_plan(frows, "full"), out, "flops", formats)
-    return Analyses(curves, runs, pretrain, rmetrics, evals, frows)
+    return Analyses(curves, runs, pretrain, rmetrics, evals, frows, routing_text_sources(rd.routing_csvs))
 
 
 def _provenance(rd: RunDir) -> dict:
@@ -542,12 +543,26 @@ def _section_eval(evals: pd.DataFrame | None) -> list[str]:
     return ["## Evaluation", "", "One metric per task (every metric: `eval_scores.csv`).", "", markdown_table(evals), ""]
 
 
-def _section_routing(rmetrics: pd.DataFrame | None) -> list[str]:
+def routing_text_sources(csvs: list[Path]) -> list[str]:
+    """The ``source`` each ``routing_counts.json`` beside the CSVs records (routing texts or a test split)."""
+    sources = []
+    for csv in csvs:
+        meta = csv.with_suffix(".json")
+        if meta.is_file():
+            source = load_json(meta).get("source")
+            if source and source not in sources:
+                sources.append(source)
+    return sources
+
+
+def _section_routing(rmetrics: pd.DataFrame | None, text: list[str]) -> list[str]:
     from .curves import markdown_table
 
     if rmetrics is None:
         return ["## Routing", "", "No routing counts in the run directory.", ""]
+    counted = f"Text counted: {'; '.join(text)}." if text else "The text counted is not recorded."
     return ["## Routing", "", "![Expert shares per domain (Figure 5 layout)](routing/routing_fig5.png)", "",
+            counted, "",
             "The figure shows the first seed of each method; the table below has every model.", "",
             "Specialization: mean pairwise L1 distance between the domains' expert distributions "
             "(0 = every domain routed alike, 2 = disjoint experts); entropy of the pooled distribution "

@@ -403,7 +403,8 @@ class Smoke:
         for r in self.moe_runs:
             out = self.layout.routing_dir(r.label)
             cmd = [*_cli(), "routing", self.finals[r.label], "--out", out, "--tokens-per-domain",
-                   str(s.routing_tokens), "--model-name", r.label, "--chunk-len", str(s.seq_len), "--batch-size", "8"]
+                   str(s.routing_tokens), "--model-name", r.label, "--chunk-len", str(s.seq_len), "--batch-size", "8",
+                   "--text", "test"]  # the models trained on the rest of these texts: count held-out text
             self.pipe.add(Stage(f"routing-{r.label}", {"tokens": s.routing_tokens}, [self.layout.routing_counts(r.label)],
                                 lambda c=cmd: _sh([*c, "--data", self.prepared_root()]), deps=[f"train-{r.label}"],
                                 estimate_s=6))

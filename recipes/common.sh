@@ -13,6 +13,9 @@
 #   DENSE_CKPT   dense seed checkpoint (HF Llama dir)       default runs/dense/$DENSE_NAME
 #   BTX_SOURCES  four dense checkpoints for BTX: seed, ja, en, code (space separated); BTX is skipped without
 #   RUNS         output root                                default runs
+#   DATA         token shards to train on (drop-upcycling data tokenize; their manifest is checked against the
+#                recipe's model and the dense seed before anything runs)   default: the recipe's data: section
+#   DATA_WEIGHTS their domain mix, e.g. ja=0.5,en=0.4,code=0.1  default: the domains' sizes
 #   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   multi-node rendezvous (torchrun); defaults: one node
 #   GPUS_PER_NODE                                 default: the number of GPUs nvidia-smi lists
 # Without GPUs (or with --dry-run) it prints the plan instead of running anything.
@@ -28,13 +31,16 @@ SELECTED=()
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,18p' "${BASH_SOURCE[0]}"; echo "methods: $("${RECIPES[@]}" --list)"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "${BASH_SOURCE[0]}"; echo "methods: $("${RECIPES[@]}" --list)"; exit 0 ;;
     -*) echo "unknown flag: $arg (flags: --dry-run, --help)" >&2; exit 2 ;;
     *) SELECTED+=("$arg") ;;
   esac
 done
 [ ${#SELECTED[@]} -eq 0 ] && read -r -a SELECTED <<< "$("${RECIPES[@]}" --list)"
-"${RECIPES[@]}" "$BASE" "${SELECTED[@]}" || exit 2  # every method resolves before anything runs
+DATA_ARGS=()  # DATA=DIR: the recipes train on these shards (data: {shards: DIR, weights: DATA_WEIGHTS})
+[ -n "${DATA:-}" ] && DATA_ARGS=(--data "$DATA")
+[ -n "${DATA_WEIGHTS:-}" ] && DATA_ARGS+=(--data-weights "$DATA_WEIGHTS")
+"${RECIPES[@]}" "$BASE" "${SELECTED[@]}" ${DATA_ARGS[@]+"${DATA_ARGS[@]}"} || exit 2  # every method resolves before anything runs
 
 RUNS=${RUNS:-runs}
 DENSE=${DENSE_CKPT:-$RUNS/dense/$DENSE_NAME}
@@ -50,6 +56,9 @@ if [ "$DRY_RUN" -eq 0 ] && [ "${GPUS_PER_NODE:-0}" -eq 0 ]; then
   echo "no GPU found on this machine: printing the plan instead (same as --dry-run)"
   DRY_RUN=1
 fi
+if [ -n "${DATA:-}" ] && [ "$DRY_RUN" -eq 0 ]; then  # shards that cannot train these models stop us now
+  "${RECIPES[@]}" "$BASE" "${SELECTED[@]}" ${DATA_ARGS[@]+"${DATA_ARGS[@]}"} --check-shards --dense "$DENSE" || exit 2
+fi
 CONFIGS="$RUNS/configs"
 if [ "$DRY_RUN" -eq 1 ]; then  # the plan writes nothing: the merged configs go to a temp dir
   WRITE_DIR=$(mktemp -d)
@@ -60,7 +69,7 @@ fi
 
 for method in "${SELECTED[@]}"; do
   # RECIPE_NAME, RECIPE_METHOD, RECIPE_CONFIG, RECIPE_INIT, RECIPE_BRANCHES, RECIPE_NODES, RECIPE_UPCYCLE (array)
-  recipe=$("${RECIPES[@]}" "$BASE" "$method" --runs "$RUNS" --write-dir "$WRITE_DIR") || exit 2
+  recipe=$("${RECIPES[@]}" "$BASE" "$method" --runs "$RUNS" --write-dir "$WRITE_DIR" ${DATA_ARGS[@]+"${DATA_ARGS[@]}"}) || exit 2
   eval "$recipe"
   config="$CONFIGS/$RECIPE_NAME.yaml"  # what the run reads (in a dry run: where it would be)
   echo "=== ${SIZE} ${method} ==="

@@ -585,6 +585,11 @@ class TrainConfig:
                                           unknown="data field")
             for domain, weight in (values["data"].get("weights") or {}).items():
                 check_value(weight, NON_NEGATIVE, f"data.weights.{domain}", source, numeric_strings=True)
+            if values["data"].get("shards") is not None:
+                clash = [f"data.{k}" for k in CORPUS_DATA_FIELDS if values["data"].get(k) is not None]
+                if clash:
+                    raise UserError(f"{where}data.shards reads shards built by `drop-upcycling data tokenize`; "
+                                    f"{', '.join(clash)} belong to the built-in corpus: give one or the other")
         run = cls(**values)
         try:
             run.check()
@@ -612,7 +617,12 @@ TRAIN_SPECS: dict[str, Spec] = {
     "keep_last": POSITIVE_INT, "save_dtype": TEXT, "tensorboard": BOOL, "nodes": POSITIVE_INT,
     "gpus_per_node": POSITIVE_INT, "method": _optional(TEXT),
 }
+# ``data:`` reads either token shards built by ``drop-upcycling data tokenize`` (``shards``, checked
+# against their manifest) or the built-in corpus, prepared on first use (CORPUS_DATA_FIELDS); both take
+# ``weights`` (the domain mix; default: the domains' sizes) and ``split``.
 DATA_SPECS: dict[str, Spec] = {
+    "shards": _optional(TEXT),
     "corpus": _optional(TEXT), "pinned": BOOL, "cache_dir": _optional(TEXT), "vocab_size": POSITIVE_INT,
     "weights": _optional(MAPPING), "split": TEXT, "seed": COUNT, "max_docs_per_domain": _optional(POSITIVE_INT),
 }
+CORPUS_DATA_FIELDS = ("corpus", "pinned", "cache_dir", "vocab_size", "seed", "max_docs_per_domain")

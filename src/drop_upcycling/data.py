@@ -10,6 +10,10 @@ documents' tokens back to back (little-endian uint16 when the vocab fits 65,536 
 each followed by ``<|endoftext|>``; ``X.ds.index`` holds the cumulative token count at each document
 end (uint64); ``X.ds.metadata`` says ``<tokenizer>|<token bytes>``. Files are memory-mapped, so a
 reader costs no RAM beyond one epoch's permutation per domain.
+
+:class:`TokenShards` is the real-data route's result instead (any corpus, any tokenizer: ``drop-upcycling
+data tokenize``): shards with a manifest, checked against the model and its init checkpoint before a
+run reads them (:meth:`TokenShards.check_fits`).
 """
 
 from __future__ import annotations
@@ -37,17 +41,27 @@ from .data_pipeline import (
     CORPUS_URLS,
     DOMAINS,
     EOS_TOKEN,
+    EXECUTORS,
+    HF_PREFIX,
+    MANIFEST_FILE,
+    MANIFEST_FORMAT,
     PAD_TOKEN,
+    SHARDS_TOKENIZER,
     SPLITS,
+    DirectInputs,
+    SlurmOptions,
     cache_root,
     check_vocab,
     corpus_digests,
     download_corpus,
+    finish_shards,
+    input_files,
     jsonl_files,
     prepare_corpus,
     read_texts,
     resolve_corpus,
     resolve_tokenizer_json,
+    shard_counts,
     shard_pipeline,
     split_domains,
     tokenize_shards,
@@ -57,11 +71,12 @@ from .data_pipeline import (
     write_splits,
 )
 from .errors import UserError
-from .fsio import apply_umask, remove_orphans, temp_dir, write_json
+from .fsio import apply_umask, load_json, remove_orphans, sha256_file, temp_dir, write_json
 
 __all__ = [
-    "CORPUS_BASE_URL", "CORPUS_COMMIT", "CORPUS_SHA256", "CORPUS_URLS", "DOMAINS", "EOS_TOKEN", "PAD_TOKEN",
-    "SPLITS", "PreparedData", "TokenSequenceReader", "check_vocab", "configure_parser", "download_corpus",
+    "CORPUS_BASE_URL", "CORPUS_COMMIT", "CORPUS_SHA256", "CORPUS_URLS", "DOMAINS", "EOS_TOKEN", "MANIFEST_FILE",
+    "PAD_TOKEN", "SPLITS", "DirectInputs", "PreparedData", "SlurmOptions", "TokenSequenceReader", "TokenShards",
+    "check_init_tokenizer", "check_vocab", "configure_parser", "download_corpus", "epochs_note", "finish_shards",
     "iter_documents", "iter_domain_sequences", "prepare_all", "prepare_corpus", "read_shard", "read_texts",
     "resolve_corpus", "resolve_tokenizer_json", "run", "shard_pipeline", "split_domains", "tokenize_shards",
     "train_tokenizer", "verify_corpus", "write_splits",
@@ -111,6 +126,10 @@ class PreparedData:
     def vocab_size(self) -> int:
         """Tokens of the prepared tokenizer (at most the requested ``vocab_size``)."""
         return tokenizer_vocab_size(self.tokenizer_dir)
+
+    @property
+    def tokenizer_sha256(self) -> str:
+        return sha256_file(self.tokenizer_dir / "tokenizer.json")
 
 
 def _splits_of(split: str) -> tuple[str, ...]:
@@ -192,11 +211,130 @@ def prepare_all(
 
 def _tokens_in(folder: Path) -> int:
     """Tokens (eos included) of a folder of shards, from the last entry of each index."""
-    total = 0
-    for index in folder.glob("*.ds.index"):
-        if index.stat().st_size:
-            total += int(np.fromfile(index, dtype="<u8", offset=index.stat().st_size - 8)[0])
-    return total
+    return shard_counts(folder)[0]
+
+
+# ---------------------------------------------------------------------------- built shards and their checks
+ID_SAMPLE_TOKENS = 1 << 20  # tokens read at each end of a shard to check that its ids fit the model
+
+
+@dataclass(frozen=True)
+class TokenShards:
+    """A folder of shards built by ``drop-upcycling data tokenize``: ``{split}/{domain}/*.ds``, the
+    tokenizer they were made with (``tokenizer/``) and ``manifest.json`` (see
+    :func:`~drop_upcycling.data_pipeline.shards_manifest`), what a training YAML's ``data: {shards: DIR}``
+    reads."""
+
+    root: Path
+    manifest: dict
+
+    @classmethod
+    def load(cls, root: str | Path) -> TokenShards:
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            raise UserError(f"shards {root} do not exist (build them with `drop-upcycling data tokenize`)")
+        path = root / MANIFEST_FILE
+        if not path.is_file():
+            raise UserError(f"{root} has no {MANIFEST_FILE}: not finished shards of `drop-upcycling data tokenize` "
+                            "(on Slurm, its last job writes it; rerun the command if a task failed)")
+        manifest = load_json(path)
+        tokenizer = manifest.get("tokenizer") if isinstance(manifest, dict) else None
+        if (not isinstance(tokenizer, dict) or manifest.get("format") != MANIFEST_FORMAT
+                or not isinstance(manifest.get("tokens"), dict)
+                or not all(isinstance(tokenizer.get(k), t) for k, t in (("sha256", str), ("vocab_size", int)))):
+            raise UserError(f"{path} is not a shards manifest of this version (rebuild with `drop-upcycling data "
+                            "tokenize`)")
+        return cls(root, manifest)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(self.manifest["tokenizer"].get("name"))
+
+    @property
+    def tokenizer_sha256(self) -> str:
+        return self.manifest["tokenizer"]["sha256"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest["tokenizer"]["vocab_size"]
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        """The tokenizer's files beside the shards (None for shards that do not carry them)."""
+        folder = self.root / SHARDS_TOKENIZER
+        return folder if (folder / "tokenizer.json").is_file() else None
+
+    def domains(self, split: str) -> list[str]:
+        return list(self.manifest["tokens"].get(split, {}))
+
+    def files_by_domain(self, split: str, domains: list[str] | None = None) -> dict[str, list[Path]]:
+        """The ``.ds`` files of each domain in ``split`` (default: every domain the manifest lists)."""
+        known = self.domains(split)
+        if not known:
+            raise UserError(f"shards {self.root} have no {split} split (splits: "
+                            f"{', '.join(self.manifest['tokens']) or 'none'})")
+        unknown = sorted(set(domains or ()) - set(known))
+        if unknown:
+            raise UserError(f"shards {self.root} have no domain {', '.join(unknown)} in {split} "
+                            f"(domains: {', '.join(known)})")
+        out = {}
+        for d in domains or known:
+            files = sorted((self.root / split / d).glob("*.ds"))
+            if not files:
+                raise UserError(f"no .ds shards for {split}/{d} under {self.root}")
+            out[d] = files
+        return out
+
+    def check_fits(self, model_vocab: int, init: str | Path | None, files: dict[str, list[Path]]) -> None:
+        """Refuse, in one line, shards the model cannot train on: made with another tokenizer than the
+        init checkpoint's (when it has one), or with ids beyond the model's vocabulary: the manifest's
+        vocabulary size, and the ids actually stored at both ends of every shard to be read (a cheap
+        check that the files are the manifest's)."""
+        check_init_tokenizer(self.tokenizer_sha256, f"shards {self.root} (tokenizer {self.tokenizer_name})", init)
+        if self.vocab_size > model_vocab:
+            raise UserError(f"shards {self.root} were tokenized with {self.tokenizer_name}, {self.vocab_size} ids: "
+                            f"more than the model's vocabulary of {model_vocab}")
+        for path in (f for fs in files.values() for f in fs):
+            top = max_token_id(path)
+            if top >= min(model_vocab, self.vocab_size):
+                raise UserError(f"shard {path} holds token id {top}, outside the vocabulary of "
+                                f"{min(model_vocab, self.vocab_size)} (its manifest says {self.tokenizer_name} with "
+                                f"{self.vocab_size} ids, the model has {model_vocab}): rebuild the shards")
+
+
+def max_token_id(path: Path, sample: int = ID_SAMPLE_TOKENS) -> int:
+    """The largest id among the first and last ``sample`` tokens of a shard (-1 when empty): reading a
+    whole corpus would take as long as the tokenization did, and a shard written by another
+    tokenizer shows at either end."""
+    tokens = read_shard(path)
+    if not len(tokens):
+        return -1
+    return int(max(tokens[:sample].max(), tokens[-sample:].max()))
+
+
+def check_init_tokenizer(sha256: str, what: str, init: str | Path | None) -> None:
+    """Refuse data tokenized with another tokenizer than the init checkpoint's, when it has one: a
+    seed's ids mean its own tokens (llm-jp seeds: the llm-jp tokenizer), so other ids would train
+    nonsense, silently, as long as they fit the vocabulary."""
+    if init is None or not (Path(init) / "tokenizer.json").is_file():
+        return
+    theirs = sha256_file(Path(init) / "tokenizer.json")
+    if theirs != sha256:
+        raise UserError(f"{what} is not the tokenizer of init checkpoint {init} (tokenizer.json sha256 "
+                        f"{sha256[:12]}... vs {theirs[:12]}...): build shards with `drop-upcycling data tokenize "
+                        f"--tokenizer {init}` and train on them (data: {{shards: DIR}})")
+
+
+def epochs_note(reader: TokenSequenceReader, sequences: int) -> str | None:
+    """One line saying how often a run of ``sequences`` sequences (all ranks) repeats each domain, or
+    None when no domain is read more than once: the budget of a recipe may exceed the data given."""
+    epochs = {d: sequences * reader.weights[d] / reader.sequences(d) for d in reader.domains}
+    if max(epochs.values()) <= 1:
+        return None
+    tokens = sequences * reader.seq_len
+    listed = ", ".join(f"{d} {e:.2f}" for d, e in epochs.items())
+    return (f"the run reads {tokens:,} tokens ({sequences:,} sequences of {reader.seq_len}), more than the data "
+            f"holds: it repeats it, epochs per domain: {listed}")
 
 
 # ---------------------------------------------------------------------------- one shard
@@ -442,15 +580,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", type=Path, metavar="DIR", help="corpus folder (default: $DROP_UPCYCLING_CORPUS, "
                    "the user cache, else download)")
     p.add_argument("--input", action="append", metavar="DOMAIN=PATH", default=[],
-                   help="another corpus instead: a .jsonl[.gz]/.parquet file or folder per domain (repeat)")
-    p.add_argument("--text-key", default="text", help="text field of --input records")
-    p.add_argument("--strict", action="store_true",
-                   help="refuse an --input record that is not JSON with a string text field (default: drop it, "
-                        "count the drops and warn)")
+                   help="another corpus instead: a .jsonl[.gz]/.parquet file, folder or quoted glob, or hf:NAME "
+                        "(a Hugging Face dataset), per domain (repeat)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR")
-    p.add_argument("--seed", type=int, default=0, help="salt of the document-hash split")
-    p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION)
-    p.add_argument("--test-fraction", type=float, default=DEFAULT_TEST_FRACTION)
+    _input_options(p, fractions_default=(DEFAULT_VAL_FRACTION, DEFAULT_TEST_FRACTION))
     p.add_argument("--max-docs-per-domain", type=int, help="keep the first N documents per domain (quick runs)")
     p.add_argument("--unpinned", action="store_true", help="--corpus is a folder of your own (same four files, "
                    "any text): skip the check against the authors' sha256")
@@ -460,14 +593,37 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, metavar="DIR")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--overwrite", action="store_true")
-    p = sub.add_parser("tokenize", help="datatrove: JSONL splits -> .ds token shards per split and domain")
-    p.add_argument("--splits", type=Path, required=True, metavar="DIR", help="folder with train/ validation/ test/")
+    p = sub.add_parser("tokenize", help="datatrove: JSONL splits or corpus files -> .ds token shards per split and "
+                       "domain, and manifest.json beside them (what a training YAML's data: {shards: DIR} reads)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--splits", type=Path, metavar="DIR", help="folder with train/ validation/ test/ "
+                        "(`data corpus`)")
+    source.add_argument("--input", action="append", metavar="DOMAIN=PATH",
+                        help="corpus files straight into shards instead, read in the datatrove tasks: a "
+                             ".jsonl[.gz]/.parquet file, folder or quoted glob, or hf:NAME (a Hugging Face dataset), "
+                             "per domain (repeat); not deduplicated")
     p.add_argument("--tokenizer", required=True, metavar="DIR|ID",
                    help="folder with tokenizer.json, a tokenizer.json, or a hub id (e.g. llm-jp/llm-jp-3-1.8b)")
-    p.add_argument("--eos-token", default=EOS_TOKEN, help=f"appended after every document (default {EOS_TOKEN})")
+    p.add_argument("--eos-token", default=None, help="appended after every document (default: the tokenizer's own "
+                   f"eos, from its tokenizer_config.json, else {EOS_TOKEN})")
     p.add_argument("--out", type=Path, required=True, metavar="DIR")
     p.add_argument("--tasks", type=int, default=1, help="datatrove tasks per (split, domain) (split by input file)")
-    p.add_argument("--workers", type=int, default=1, help="tasks run in parallel")
+    p.add_argument("--workers", type=int, default=None,
+                   help="tasks run at once (local: processes, default 1; slurm: array tasks, default no limit)")
+    direct = p.add_argument_group("--input only")
+    _input_options(direct, fractions_default=None)
+    p.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="local: run the tasks here; slurm: submit them as a job array, and the manifest as a job "
+                        "after it, and return")
+    slurm = p.add_argument_group("--executor slurm only")
+    slurm.add_argument("--partition", help="sbatch --partition (required)")
+    slurm.add_argument("--time", help="sbatch --time per task, e.g. 24:00:00 (required)")
+    slurm.add_argument("--cpus-per-task", type=int, default=None, help="default 1")
+    slurm.add_argument("--mem-per-cpu-gb", type=int, default=None, help="default 2")
+    slurm.add_argument("--slurm-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="another sbatch option, e.g. account=abc or qos=normal (repeat)")
+    slurm.add_argument("--env-command", help="shell line that prepares a job's environment (default: activate "
+                       "this Python environment)")
     p = sub.add_parser("prepare", help="all three steps into the cache (what training and evaluation use)")
     p.add_argument("--corpus", type=Path, metavar="DIR")
     p.add_argument("--unpinned", action="store_true", help="--corpus is a folder of your own (see corpus --unpinned)")
@@ -477,18 +633,42 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1)
 
 
-def _parse_inputs(specs: list[str], text_key: str, limit: int | None, strict: bool = False) -> dict[str, Iterator[str]]:
-    inputs: dict[str, Iterator[str]] = {}
+def _input_options(group: argparse._ActionsContainer, fractions_default: tuple[float, float] | None) -> None:
+    """Options of ``--input`` records and of the document-hash split, shared by ``corpus`` and ``tokenize``
+    (there, ``None`` defaults: given only with ``--input``, and all documents train)."""
+    group.add_argument("--text-key", default=None, help="text field of --input records (default text)")
+    group.add_argument("--hf-split", default=None, help="split of an hf:NAME input (default train)")
+    group.add_argument("--strict", action="store_true",
+                       help="refuse an --input record that is not JSON with a string text field (default: drop it, "
+                            "count the drops and warn)")
+    group.add_argument("--seed", type=int, default=None if fractions_default is None else 0,
+                       help="salt of the document-hash split (default 0)")
+    val, test = fractions_default or (None, None)
+    group.add_argument("--val-fraction", type=float, default=val,
+                       help=f"documents held out for validation (default {val or 0})")
+    group.add_argument("--test-fraction", type=float, default=test,
+                       help=f"documents held out for test (default {test or 0})")
+
+
+def _input_specs(specs: list[str]) -> dict[str, str]:
+    """``DOMAIN=PATH`` arguments by domain, each input checked now, before anything is written."""
+    inputs: dict[str, str] = {}
     for spec in specs:
         domain, sep, path = spec.partition("=")
         if not sep or not domain or not path:
             raise UserError(f"--input must be DOMAIN=PATH, got {spec!r}")
         if domain in inputs:
             raise UserError(f"--input names domain {domain} twice")
-        if not Path(path).expanduser().exists():
-            raise UserError(f"input {path} does not exist")
-        inputs[domain] = _first(read_texts(path, text_key, strict=strict), limit)
+        if not path.startswith(HF_PREFIX):
+            input_files(path)
+        inputs[domain] = path
     return inputs
+
+
+def _parse_inputs(specs: list[str], text_key: str, limit: int | None, strict: bool = False,
+                  hf_split: str = "train") -> dict[str, Iterator[str]]:
+    return {domain: _first(read_texts(path, text_key, strict=strict, hf_split=hf_split), limit)
+            for domain, path in _input_specs(specs).items()}
 
 
 def _first(texts: Iterator[str], limit: int | None) -> Iterator[str]:
@@ -498,13 +678,50 @@ def _first(texts: Iterator[str], limit: int | None) -> Iterator[str]:
         yield from itertools.islice(texts, limit)
 
 
+def _slurm_options(args: argparse.Namespace) -> SlurmOptions | None:
+    """The Slurm options of ``tokenize``: all of them with ``--executor slurm``, none without."""
+    given = [f"--{k.replace('_', '-')}" for k in ("partition", "time", "cpus_per_task", "mem_per_cpu_gb",
+                                                   "env_command", "slurm_arg") if getattr(args, k)]
+    if args.executor != "slurm":
+        if given:
+            raise UserError(f"{', '.join(given)} apply to --executor slurm")
+        return None
+    missing = [f"--{k}" for k in ("partition", "time") if not getattr(args, k)]
+    if missing:
+        raise UserError(f"--executor slurm needs {' and '.join(missing)}")
+    sbatch = {}
+    for item in args.slurm_arg:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--slurm-arg must be KEY=VALUE, got {item!r}")
+        sbatch[key.lstrip("-")] = value
+    for flag, value in (("--cpus-per-task", args.cpus_per_task), ("--mem-per-cpu-gb", args.mem_per_cpu_gb)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    return SlurmOptions(partition=args.partition, time=args.time, cpus_per_task=args.cpus_per_task or 1,
+                        mem_per_cpu_gb=args.mem_per_cpu_gb or 2, env_command=args.env_command, sbatch_args=sbatch)
+
+
+def _direct_inputs(args: argparse.Namespace) -> DirectInputs | None:
+    """``tokenize --input``'s inputs and split options; those options without ``--input`` are refused."""
+    options = {"text_key": "--text-key", "hf_split": "--hf-split", "seed": "--seed", "val_fraction": "--val-fraction",
+               "test_fraction": "--test-fraction", "strict": "--strict"}
+    given = {k: getattr(args, k) for k in options if getattr(args, k) not in (None, False)}
+    if not args.input:
+        if given:
+            raise UserError(f"{', '.join(options[k] for k in given)} apply to --input")
+        return None
+    return DirectInputs(_input_specs(args.input), **given)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.step == "corpus" and args.strict and not args.input:
         raise UserError("--strict applies to --input records")
     if args.step == "corpus" and args.input:
-        out = write_splits(_parse_inputs(args.input, args.text_key, args.max_docs_per_domain, args.strict), args.out,
-                           seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-                           overwrite=args.overwrite)
+        inputs = _parse_inputs(args.input, args.text_key or "text", args.max_docs_per_domain, args.strict,
+                               args.hf_split or "train")
+        out = write_splits(inputs, args.out, seed=args.seed, val_fraction=args.val_fraction,
+                           test_fraction=args.test_fraction, overwrite=args.overwrite)
         print(json.dumps(json.loads((out / "splits.json").read_text())["documents"]))
     elif args.step == "corpus":
         corpus = resolve_corpus(args.corpus, pinned=not args.unpinned)
@@ -516,9 +733,14 @@ def run(args: argparse.Namespace) -> int:
         out = train_tokenizer(args.train, args.out, vocab_size=args.vocab_size, overwrite=args.overwrite)
         print(f"{out}: {check_vocab(out, 2**32)} tokens")
     elif args.step == "tokenize":
+        slurm, inputs = _slurm_options(args), _direct_inputs(args)
         out = tokenize_shards(args.splits, args.tokenizer, args.out, tasks=args.tasks, workers=args.workers,
-                              eos_token=args.eos_token)
-        print(out)
+                              eos_token=args.eos_token, inputs=inputs, executor=args.executor, slurm=slurm)
+        if slurm is not None:
+            print(f"submitted to Slurm (partition {slurm.partition}): the tasks, then the job that writes "
+                  f"{out / MANIFEST_FILE}; logs in {out / 'logs'}. Rerun this command to resubmit tasks that fail.")
+        else:
+            print(out)
     else:
         prepared = prepare_all(args.corpus, args.cache_dir, vocab_size=args.vocab_size, seed=args.seed,
                                workers=args.workers, pinned=not args.unpinned)

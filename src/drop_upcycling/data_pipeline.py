@@ -5,6 +5,12 @@ Each step reads only files and writes one directory atomically (temp dir + renam
 later step would mistake for a finished result. :mod:`drop_upcycling.data` chains them
 (:func:`~drop_upcycling.data.prepare_all`) and reads the result.
 
+Any other corpus and tokenizer take the real-data route: :func:`tokenize_shards` reads JSONL splits or
+the corpus files themselves (:class:`DirectInputs`: JSONL, Parquet or a Hugging Face dataset per
+domain) with any tokenizer (a folder or a hub id), on datatrove's local or Slurm executor, in place
+and resumable (finished tasks are skipped), and writes ``manifest.json`` last (:func:`shards_manifest`):
+what the trainer checks the shards against the model and its init checkpoint by.
+
 The shared corpus is the four domain samples the Drop-Upcycling authors published for their routing
 analysis. Its files are not uniformly "one document per line": C4 and Japanese mC4 are, but the
 English Wikipedia and The Stack samples are runs of lines with blank lines between sections. So a
@@ -15,18 +21,24 @@ document is a line for the first two and a blank-line-separated block for the ot
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import socket
+import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from .errors import UserError
 from .fsio import (
@@ -219,6 +231,11 @@ def split_of(text: str, seed: int, val_fraction: float, test_fraction: float) ->
     return "train"
 
 
+def _check_fractions(val_fraction: float, test_fraction: float) -> None:
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise UserError(f"val/test fractions must be in [0, 1) with sum < 1, got {val_fraction}, {test_fraction}")
+
+
 def write_splits(
     docs_by_domain: dict[str, Iterable[str]],
     out_dir: str | Path,
@@ -234,8 +251,7 @@ def write_splits(
     for each domain (datatrove's JsonlReader / ParquetReader / HuggingFaceDatasetReader all yield
     documents with ``.text``).
     """
-    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise UserError(f"val/test fractions must be in [0, 1) with sum < 1, got {val_fraction}, {test_fraction}")
+    _check_fractions(val_fraction, test_fraction)
     if not docs_by_domain:
         raise UserError("no domains given")
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
@@ -243,8 +259,7 @@ def write_splits(
         for split in SPLITS:
             (tmp / split).mkdir()
         for domain, docs in docs_by_domain.items():
-            if not re.fullmatch(r"[A-Za-z0-9_.-]+", domain):
-                raise UserError(f"domain name {domain!r} must be letters, digits, '_', '.', '-'")
+            _check_domain(domain)
             seen: set[bytes] = set()
             n = dict.fromkeys(SPLITS, 0)
             with contextlib.ExitStack() as stack:
@@ -270,12 +285,41 @@ def write_splits(
     return Path(out_dir)
 
 
-def read_texts(source: str | Path, text_key: str = "text", *, strict: bool = False) -> Iterator[str]:
-    """Texts of a JSONL / JSONL.gz / Parquet file, or of every such file under a folder, via datatrove's readers.
+HF_PREFIX = "hf:"  # an input that names a Hugging Face dataset (hub id or local folder) instead of files
+
+
+def _is_text_file(path: Path) -> bool:
+    return ".jsonl" in path.name or path.suffix == ".parquet"
+
+
+def input_files(source: str | Path) -> list[Path]:
+    """The ``.jsonl[.gz]`` / ``.parquet`` files of one input, sorted: a file, every such file under a
+    folder, or a glob pattern (``'/data/llm-jp-corpus/v3/ja/**/*.jsonl.gz'``, quoted so that the shell
+    leaves it to us: one input per domain, whatever the number of files)."""
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and _is_text_file(p))
+    elif path.is_file():
+        files = [path]
+    elif re.search(r"[*?[]", text):
+        files = sorted(p for p in map(Path, glob.glob(str(path), recursive=True)) if p.is_file() and _is_text_file(p))
+    else:
+        raise UserError(f"input {source} does not exist")
+    if not files:
+        raise UserError(f"input {source} holds no .jsonl[.gz] or .parquet files")
+    return files
+
+
+def read_texts(source: str | Path, text_key: str = "text", *, strict: bool = False, files: list[Path] | None = None,
+               rank: int = 0, world_size: int = 1, hf_split: str = "train") -> Iterator[str]:
+    """Texts of one input via datatrove's readers: a JSONL / JSONL.gz / Parquet file, a folder or glob of
+    them (:func:`input_files`; ``files`` when already listed), or ``hf:NAME``, a Hugging Face dataset
+    (``hf_split``, streamed; a hub id, or a local folder that ``datasets.load_dataset`` reads).
 
     This is how other corpora (llm-jp-corpus v3 folders, any exported dataset) become one domain of
-    :func:`write_splits`; for a Hugging Face dataset use datatrove's ``HuggingFaceDatasetReader`` and
-    pass ``(d.text for d in reader())`` to :func:`write_splits` directly.
+    :func:`write_splits` or of the shards (:class:`DirectInputs`). ``rank`` of ``world_size`` reads
+    every ``world_size``-th file (a dataset: its shard), so that datatrove tasks share an input.
 
     A record that is not an object with a string ``text_key`` (a corrupt JSONL line, invalid UTF-8, a
     null text) is dropped, and the drops are counted and logged once per input (datatrove's reader
@@ -283,17 +327,13 @@ def read_texts(source: str | Path, text_key: str = "text", *, strict: bool = Fal
     refuses the first one instead, naming the file and line. Blank lines and empty texts are skipped.
     """
     from datatrove.io import get_datafolder
-    from datatrove.pipeline.readers import ParquetReader
+    from datatrove.pipeline.readers import HuggingFaceDatasetReader, ParquetReader
 
-    path = Path(source).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and (".jsonl" in p.name or p.suffix == ".parquet"))
-    elif path.is_file():
-        files = [path]
-    else:
-        raise UserError(f"input {source} does not exist")
-    if not files:
-        raise UserError(f"input {source} holds no .jsonl[.gz] or .parquet files")
+    hf_name = str(source)[len(HF_PREFIX):] if str(source).startswith(HF_PREFIX) else None
+    if hf_name is not None and not hf_name:
+        raise UserError(f"input {source} names no dataset (hf:ORG/NAME or hf:FOLDER)")
+    if hf_name is None:
+        files = (files if files is not None else input_files(source))[rank::world_size]
     records, dropped = 0, []
 
     def keep(text: object, where: str) -> bool:
@@ -326,8 +366,26 @@ def read_texts(source: str | Path, text_key: str = "text", *, strict: bool = Fal
         reader = ParquetReader(str(f.parent), text_key=text_key, doc_progress=False, adapter=adapter)
         yield from (doc.text for doc in reader.read_file(f.name) if isinstance(doc.text, str) and doc.text.strip())
 
+    def dataset(name: str) -> Iterator[str]:
+        def adapter(reader: HuggingFaceDatasetReader, data: dict, file: str, i: int | str) -> dict:
+            keep(data.get(text_key), f"{source}: row {records + 1}")
+            return reader._default_adapter(data, file, i)
+
+        reader = HuggingFaceDatasetReader(name, {"split": hf_split}, streaming=True, text_key=text_key,
+                                          adapter=adapter)
+        try:
+            yield from (doc.text for doc in reader.run(None, rank, world_size)
+                        if isinstance(doc.text, str) and doc.text.strip())
+        except UserError:
+            raise
+        except Exception as e:  # not on the hub / offline and not cached / no such split: one line
+            raise UserError(f"input {source}: the dataset could not be read ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:300]})") from e
+
     try:
-        for f in files:
+        if hf_name is not None:
+            yield from dataset(hf_name)
+        for f in files if hf_name is None else []:
             if f.suffix == ".parquet":
                 yield from parquet(f)
             elif ".jsonl" in f.name or f.suffix == ".json":
@@ -478,41 +536,118 @@ def check_vocab(tokenizer_dir: str | Path, model_vocab_size: int) -> int:
 
 
 # ---------------------------------------------------------------------------- datatrove shards
-class _ShardJobs:
-    """One datatrove task = one (split, domain, file shard): ``JsonlReader`` -> ``DocumentTokenizer``.
+MANIFEST_FILE = "manifest.json"  # beside the shards, written last: what the trainer checks them by
+MANIFEST_FORMAT = "drop-upcycling token shards"
+MANIFEST_VERSION = 1
+SHARDS_TOKENIZER = "tokenizer"  # the tokenizer's files, copied beside the shards
+LOGS = "logs"  # datatrove's logs and completion marks of the tokenization tasks
+FINISH_LOGS = "logs-manifest"  # the same for the Slurm job that writes the manifest
+EXECUTORS = ("local", "slurm")
 
-    All (split, domain) pairs share ONE :class:`LocalPipelineExecutor`, so ``workers`` run domains in
-    parallel and one completion log covers everything; ``tasks`` splits each domain's files further.
+
+def _check_domain(domain: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", domain):
+        raise UserError(f"domain name {domain!r} must be letters, digits, '_', '.', '-'")
+
+
+@dataclass(frozen=True)
+class DirectInputs:
+    """Corpus inputs tokenized straight into shards (``data tokenize --input``): no JSONL copy, so the
+    reading runs in the datatrove tasks too, locally or on Slurm, each domain's files shared out over
+    ``tasks`` (a Hugging Face dataset: its shards).
+
+    ``sources`` maps each domain to one input of :func:`read_texts`. A document goes to train,
+    validation or test by :func:`split_of` with ``seed`` and the fractions, exactly as ``data corpus``
+    splits it; with both fractions 0 (the default) everything is train and only train shards are
+    written. Unlike ``data corpus``, exact duplicates are kept: dropping them needs one process that
+    sees a whole domain.
     """
 
-    def __init__(self, jobs: list[tuple[str, str, str, str]], tasks: int, tokenizer_json: str, out_dir: str,
-                 eos_token: str = EOS_TOKEN):
+    sources: dict[str, str]
+    text_key: str = "text"
+    hf_split: str = "train"
+    strict: bool = False
+    seed: int = 0
+    val_fraction: float = 0.0
+    test_fraction: float = 0.0
+
+    def jobs(self) -> list[dict]:
+        """One job per (split, domain), split-major like the ``--splits`` route; files listed now, so
+        that every task reads the same list whatever happens to the folders meanwhile."""
+        _check_fractions(self.val_fraction, self.test_fraction)
+        if not self.sources:
+            raise UserError("no inputs given")
+        fractions = {"train": 1.0, "validation": self.val_fraction, "test": self.test_fraction}
+        keep = [self.seed, self.val_fraction, self.test_fraction] if self.val_fraction or self.test_fraction else None
+        files: dict[str, list[str] | None] = {}
+        for domain, source in self.sources.items():
+            _check_domain(domain)
+            dataset = source.startswith(HF_PREFIX)
+            files[domain] = None if dataset else [str(f.resolve()) for f in input_files(source)]
+        return [{"split": split, "domain": domain, "source": source, "files": files[domain],
+                 "text_key": self.text_key, "hf_split": self.hf_split if files[domain] is None else None,
+                 "strict": self.strict, "keep": keep}
+                for split in SPLITS if fractions[split] > 0 for domain, source in self.sources.items()]
+
+
+class _ShardJobs:
+    """One datatrove task = one (split, domain, file shard): a reader -> ``DocumentTokenizer``.
+
+    All (split, domain) pairs share ONE executor, so ``workers`` run domains in parallel and one
+    completion log covers everything; ``tasks`` splits each domain's files further. A job reads JSONL
+    splits (``paths_file``, with datatrove's ``JsonlReader``) or a :class:`DirectInputs` source
+    (:func:`read_texts`, keeping the documents of the job's split).
+    """
+
+    def __init__(self, jobs: list[dict], tasks: int, tokenizer_json: str, out_dir: str, eos_token: str = EOS_TOKEN):
         self.jobs, self.tasks, self.tokenizer_json, self.out_dir = jobs, tasks, tokenizer_json, out_dir
         self.eos_token = eos_token
 
     def __call__(self, data: object, rank: int = 0, world_size: int = 1) -> None:
-        from datatrove.pipeline.readers import JsonlReader
         from datatrove.pipeline.tokens import DocumentTokenizer
 
         job, sub = divmod(rank, self.tasks)
-        split, domain, folder, paths_file = self.jobs[job]
-        # An explicit file list: datatrove treats a plain glob as a suffix ("c4.jsonl" matches "ja_mc4.jsonl").
-        reader = JsonlReader(folder, paths_file=paths_file, text_key="text", id_key="id", doc_progress=False)
+        spec = self.jobs[job]
         writer = DocumentTokenizer(
-            output_folder=str(Path(self.out_dir) / split / domain),
+            output_folder=str(Path(self.out_dir) / spec["split"] / spec["domain"]),
             tokenizer_name_or_path=self.tokenizer_json,
-            save_filename=domain,
+            save_filename=spec["domain"],
             eos_token=self.eos_token,
             shuffle_documents=False,
             batch_size=1000,
         )
-        writer(reader(None, sub, self.tasks), sub, self.tasks)
+        writer(self._documents(spec, sub), sub, self.tasks)
+
+    def _documents(self, spec: dict, sub: int) -> Iterator:
+        if "paths_file" in spec:
+            from datatrove.pipeline.readers import JsonlReader
+
+            # An explicit file list: datatrove treats a plain glob as a suffix ("c4.jsonl" matches "ja_mc4.jsonl").
+            reader = JsonlReader(spec["folder"], paths_file=spec["paths_file"], text_key="text", id_key="id",
+                                 doc_progress=False)
+            return reader(None, sub, self.tasks)
+        return _split_documents(spec, sub, self.tasks)
+
+
+def _split_documents(spec: dict, rank: int, world_size: int) -> Iterator:
+    """The documents of a direct input's share ``rank`` that belong to the job's split."""
+    from datatrove.data import Document
+
+    keep = spec["keep"]
+    files = [Path(f) for f in spec["files"]] if spec["files"] is not None else None
+    texts = read_texts(spec["source"], spec["text_key"], strict=spec["strict"], files=files, rank=rank,
+                       world_size=world_size, hf_split=spec["hf_split"] or "train")
+    for i, text in enumerate(texts):
+        if keep is None or split_of(text, *keep) == spec["split"]:
+            yield Document(text=text, id=f"{spec['domain']}-{rank:05d}-{i:09d}")
 
 
 def resolve_tokenizer_json(tokenizer: str | Path) -> Path:
     """``tokenizer.json`` of a directory, the file itself, or of a hub id (e.g. ``llm-jp/llm-jp-3-1.8b``).
 
-    A hub id is fetched through the Hugging Face cache, so it works offline once cached.
+    A hub id is fetched through the Hugging Face cache, so it works offline once cached; its
+    ``tokenizer_config.json`` and ``special_tokens_map.json`` come along when the repository has them
+    (they name the eos token, and AutoTokenizer needs them in a checkpoint).
     """
     path = Path(tokenizer).expanduser()
     if path.is_dir():
@@ -526,96 +661,281 @@ def resolve_tokenizer_json(tokenizer: str | Path) -> Path:
     try:
         from huggingface_hub import hf_hub_download
 
-        return Path(hf_hub_download(str(tokenizer), "tokenizer.json"))
+        found = Path(hf_hub_download(str(tokenizer), "tokenizer.json"))
     except Exception as e:  # offline and not cached, unknown repo, no tokenizer.json
         raise UserError(f"tokenizer {tokenizer}: not a local path and not loadable from the hub ({e})") from e
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        with contextlib.suppress(Exception):  # optional: not every repository has them
+            hf_hub_download(str(tokenizer), name)
+    return found
+
+
+def tokenizer_eos(tokenizer_json: Path) -> str:
+    """The eos token that the tokenizer's own files name (``tokenizer_config.json``, then
+    ``special_tokens_map.json`` beside ``tokenizer.json``), else ``<|endoftext|>``: the llm-jp
+    tokenizers end a document with ``</s>``, ours with ``<|endoftext|>``, and the shards must use the
+    one the model was trained with."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = tokenizer_json.parent / name
+        try:
+            value = json.loads(path.read_text()).get("eos_token") if path.is_file() else None
+        except (ValueError, AttributeError, OSError):
+            continue
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str) and value:
+            return value
+    return EOS_TOKEN
+
+
+def _copy_tokenizer(tokenizer_json: Path, dest: Path) -> None:
+    """``tokenizer.json`` and the HF files beside it into ``dest``: the shards carry their tokenizer, so
+    a run from them writes it into its checkpoints even without an init checkpoint (FS)."""
+    from .checkpoint import TOKENIZER_FILES  # the one list of a checkpoint's tokenizer files
+
+    with atomic_dir(dest, overwrite=True) as tmp:
+        shutil.copy2(tokenizer_json, tmp / "tokenizer.json")
+        for name in TOKENIZER_FILES:
+            if name != "tokenizer.json" and (tokenizer_json.parent / name).is_file():
+                shutil.copy2(tokenizer_json.parent / name, tmp / name)
+
+
+def _same_plan(a: dict, b: dict) -> bool:
+    """Plans that build the same shards: the tokenizer may be named differently (a folder, its
+    tokenizer.json, a hub id) as long as its sha256 is the same."""
+    return {k: v for k, v in a.items() if k != "tokenizer"} == {k: v for k, v in b.items() if k != "tokenizer"}
 
 
 def shard_pipeline(
-    jsonl_dir: str | Path,
+    jsonl_dir: str | Path | None,
     tokenizer_dir: str | Path,
     out_dir: str | Path,
     *,
     tasks: int = 1,
     splits: Iterable[str] = SPLITS,
-    eos_token: str = EOS_TOKEN,
+    eos_token: str | None = None,
+    inputs: DirectInputs | None = None,
 ) -> tuple[list, int, dict]:
     """(datatrove pipeline, number of tasks, plan) of :func:`tokenize_shards`, for any executor.
 
-    On a cluster, hand the pipeline to ``SlurmPipelineExecutor(pipeline, tasks=n_tasks, ...)``
-    instead of the local executor; the output layout is the same.
+    Reads the JSONL splits of ``jsonl_dir`` (``data corpus``), or with ``inputs`` the corpus files
+    themselves. Writes ``plan.json`` (what the folder is for) and ``tokenizer/`` into ``out_dir``.
+    :func:`tokenize_shards` runs it on the local or the Slurm executor; by hand, run it on any executor
+    with ``tasks=n_tasks`` and ``logging_dir=out_dir/logs``, then :func:`finish_shards`.
     """
-    jsonl_dir, out_dir = Path(jsonl_dir), Path(out_dir)
+    out_dir = Path(out_dir)
     tokenizer_json = resolve_tokenizer_json(tokenizer_dir)
     from tokenizers import Tokenizer
 
+    eos_token = eos_token or tokenizer_eos(tokenizer_json)
     if Tokenizer.from_file(str(tokenizer_json)).token_to_id(eos_token) is None:
         raise UserError(f"tokenizer {tokenizer_dir} has no token {eos_token!r} (pass the tokenizer's eos token)")
     if tasks < 1:
         raise UserError(f"tasks must be >= 1, got {tasks}")
-    jobs = []
-    for split in splits:
-        if not (jsonl_dir / split).is_dir():
-            raise UserError(f"{jsonl_dir / split} does not exist (run `drop-upcycling data corpus` first)")
-        for domain in split_domains(jsonl_dir / split):
-            files = jsonl_files(jsonl_dir / split, domain)
-            if not files:
-                raise UserError(f"{jsonl_dir / split} has no JSONL files for domain {domain}")
-            jobs.append((split, domain, files))
-    if not jobs:
-        raise UserError(f"{jsonl_dir} holds no JSONL documents")
+    if inputs is not None:
+        jobs = inputs.jobs()
+        plan_jobs = [[j["split"], j["domain"], {k: v for k, v in j.items() if k not in ("split", "domain")}]
+                     for j in jobs]
+    else:
+        if jsonl_dir is None:
+            raise UserError("give the JSONL splits (--splits) or the inputs (--input)")
+        jsonl_dir = Path(jsonl_dir)
+        listed = []
+        for split in splits:
+            if not (jsonl_dir / split).is_dir():
+                raise UserError(f"{jsonl_dir / split} does not exist (run `drop-upcycling data corpus` first)")
+            for domain in split_domains(jsonl_dir / split):
+                files = jsonl_files(jsonl_dir / split, domain)
+                if not files:
+                    raise UserError(f"{jsonl_dir / split} has no JSONL files for domain {domain}")
+                listed.append((split, domain, files))
+        if not listed:
+            raise UserError(f"{jsonl_dir} holds no JSONL documents")
+        plan_jobs = [[s, d, [str(f.resolve()) for f in files]] for s, d, files in listed]
     # What this output folder is for; a rerun with other inputs, tokenizer or --tasks must not reuse
     # the completed tasks of the first (datatrove's skip logic only knows task numbers).
     plan = {"tokenizer_sha256": sha256_file(tokenizer_json), "eos_token": eos_token, "tasks": tasks,
-            "jobs": [[s, d, [str(f.resolve()) for f in files]] for s, d, files in jobs]}
+            "jobs": plan_jobs, "tokenizer": str(tokenizer_dir)}
     plan_file = out_dir / "plan.json"
-    if plan_file.is_file() and json.loads(plan_file.read_text()) != plan:
+    if plan_file.is_file() and not _same_plan(json.loads(plan_file.read_text()), plan):
         raise UserError(f"{out_dir} holds shards of other inputs, tokenizer or --tasks; choose a new --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(plan_file, plan)
-    lists = out_dir / "inputs"
-    lists.mkdir(exist_ok=True)
-    specs = []
-    for split, domain, files in jobs:
-        paths_file = lists / f"{split}.{domain}.txt"
-        paths_file.write_text("".join(f"{f.name}\n" for f in files))
-        specs.append((split, domain, str(files[0].parent), str(paths_file)))
-    return [_ShardJobs(specs, tasks, str(tokenizer_json), str(out_dir), eos_token)], len(jobs) * tasks, plan
+    _copy_tokenizer(tokenizer_json, out_dir / SHARDS_TOKENIZER)
+    if inputs is None:
+        lists = out_dir / "inputs"
+        lists.mkdir(exist_ok=True)
+        jobs = []
+        for split, domain, files in listed:
+            paths_file = lists / f"{split}.{domain}.txt"
+            paths_file.write_text("".join(f"{f.name}\n" for f in files))
+            jobs.append({"split": split, "domain": domain, "folder": str(files[0].parent),
+                         "paths_file": str(paths_file)})
+    # The tasks read the copy: it lies where they write (a cluster's shared file system), a hub cache may not.
+    copied = str(out_dir / SHARDS_TOKENIZER / "tokenizer.json")
+    return [_ShardJobs(jobs, tasks, copied, str(out_dir), eos_token)], len(jobs) * tasks, plan
+
+
+def shard_counts(folder: Path) -> tuple[int, int]:
+    """(tokens, documents) of a folder of ``.ds`` shards, eos included, from their indexes' sizes and last entries."""
+    tokens = documents = 0
+    for index in sorted(folder.glob("*.ds.index")):
+        size = index.stat().st_size
+        if size:
+            tokens += int(np.fromfile(index, dtype="<u8", offset=size - 8)[0])
+            documents += size // 8
+    return tokens, documents
+
+
+def _versions() -> dict[str, str]:
+    """Versions of what wrote the shards (the manifest records them)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("drop-upcycling", "datatrove", "tokenizers"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[pkg] = version(pkg)
+    return out
+
+
+def shards_manifest(out_dir: Path, plan: dict) -> dict:
+    """The manifest of finished shards: their tokenizer (name, sha256 of ``tokenizer.json``, vocabulary
+    size, eos token and id), token width, tokens and documents per split and domain, and versions."""
+    from tokenizers import Tokenizer
+
+    tokenizer_json = out_dir / SHARDS_TOKENIZER / "tokenizer.json"
+    tokenizer = Tokenizer.from_file(str(tokenizer_json))
+    vocab = tokenizer.get_vocab_size()
+    tokens: dict[str, dict[str, int]] = {}
+    documents: dict[str, dict[str, int]] = {}
+    for split, domain, _ in plan["jobs"]:
+        tokens.setdefault(split, {})[domain], documents.setdefault(split, {})[domain] = shard_counts(
+            out_dir / split / domain)
+    return {
+        "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
+        "tokenizer": {"name": plan.get("tokenizer"), "sha256": sha256_file(tokenizer_json), "vocab_size": vocab,
+                      "eos_token": plan["eos_token"], "eos_id": tokenizer.token_to_id(plan["eos_token"])},
+        "token_bytes": 4 if vocab > 65536 else 2,  # datatrove's DocumentTokenizer rule
+        "tokens": tokens, "documents": documents,
+        "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def finish_shards(out_dir: str | Path, n_tasks: int) -> dict:
+    """After the last task: ``DONE`` and ``manifest.json`` (atomically, last), or a one-line error naming
+    the tasks that did not complete. On Slurm it is the job that runs after the tokenization array."""
+    out_dir = Path(out_dir)
+    completions = out_dir / LOGS / "completions"
+    incomplete = [r for r in range(n_tasks) if not (completions / f"{r:05d}").is_file()]
+    if incomplete:
+        listed = ", ".join(map(str, incomplete[:10])) + (f" and {len(incomplete) - 10} more" if len(incomplete) > 10
+                                                         else "")
+        raise UserError(f"datatrove tasks {listed} did not complete; see {out_dir / LOGS} and rerun")
+    plan = json.loads((out_dir / "plan.json").read_text())
+    manifest = shards_manifest(out_dir, plan)
+    write_json(out_dir / "DONE", plan)
+    write_json(out_dir / MANIFEST_FILE, manifest)
+    log.info("shards in %s: %s tokens per split and domain", out_dir, manifest["tokens"])
+    return manifest
+
+
+class _FinishShards:
+    """:func:`finish_shards` as a one-task pipeline: the Slurm job after the tokenization array."""
+
+    def __init__(self, out_dir: str, n_tasks: int) -> None:
+        self.out_dir, self.n_tasks = out_dir, n_tasks
+
+    def __call__(self, data: object, rank: int = 0, world_size: int = 1) -> None:
+        finish_shards(self.out_dir, self.n_tasks)
+
+
+@dataclass(frozen=True)
+class SlurmOptions:
+    """Where the Slurm jobs of :func:`tokenize_shards` run (``data tokenize --executor slurm``)."""
+
+    partition: str
+    time: str  # sbatch --time, e.g. 24:00:00
+    cpus_per_task: int = 1
+    mem_per_cpu_gb: int = 2
+    env_command: str | None = None  # default: activate this Python environment (see _activate_command)
+    sbatch_args: dict[str, str] = field(default_factory=dict)  # more sbatch options: {"account": "abc"}
+    job_name: str = "drop-upcycling-shards"
+
+
+def _activate_command() -> str | None:
+    """The jobs run in the environment that submits them: its venv is activated first (none: nothing)."""
+    if sys.prefix != sys.base_prefix and (Path(sys.prefix) / "bin" / "activate").is_file():
+        return f"source {shlex.quote(str(Path(sys.prefix) / 'bin' / 'activate'))}"
+    return None
+
+
+def slurm_executors(pipeline: list, n_tasks: int, out_dir: Path, slurm: SlurmOptions, workers: int = -1) -> tuple:
+    """(tokenization array, manifest job): two datatrove ``SlurmPipelineExecutor`` s, the second started
+    by Slurm only after every task of the first succeeded. ``workers``: tasks running at once (-1: no
+    limit). Running the second submits both; nothing is submitted before that."""
+    from datatrove.executor.slurm import SlurmPipelineExecutor
+
+    common = {"time": slurm.time, "partition": slurm.partition, "qos": "", "sbatch_args": dict(slurm.sbatch_args),
+              "env_command": slurm.env_command or _activate_command()}
+    tokenize = SlurmPipelineExecutor(pipeline, tasks=n_tasks, workers=workers, cpus_per_task=slurm.cpus_per_task,
+                                     mem_per_cpu_gb=slurm.mem_per_cpu_gb, job_name=slurm.job_name,
+                                     logging_dir=str(out_dir / LOGS), **common)
+    finish = SlurmPipelineExecutor([_FinishShards(str(out_dir), n_tasks)], tasks=1, job_name=f"{slurm.job_name}-manifest",
+                                   logging_dir=str(out_dir / FINISH_LOGS), depends=tokenize, skip_completed=False,
+                                   **common)
+    return tokenize, finish
 
 
 def tokenize_shards(
-    jsonl_dir: str | Path,
+    jsonl_dir: str | Path | None,
     tokenizer_dir: str | Path,
     out_dir: str | Path,
     *,
     tasks: int = 1,
-    workers: int = 1,
+    workers: int | None = None,
     splits: Iterable[str] = SPLITS,
-    eos_token: str = EOS_TOKEN,
+    eos_token: str | None = None,
+    inputs: DirectInputs | None = None,
+    executor: str = "local",
+    slurm: SlurmOptions | None = None,
 ) -> Path:
-    """datatrove ``JsonlReader -> DocumentTokenizer`` per (split, domain) into ``out_dir/{split}/{domain}/*.ds``.
+    """datatrove reader -> ``DocumentTokenizer`` per (split, domain) into ``out_dir/{split}/{domain}/*.ds``,
+    then ``manifest.json`` (:func:`shards_manifest`) beside them.
 
-    Each document is followed by ``eos_token`` (``</s>`` for the LLM-jp tokenizers; ``tokenizer_dir``
-    may also be a ``tokenizer.json`` path or a hub id, see :func:`resolve_tokenizer_json`). Runs
-    in place (not atomically) so that a rerun skips what finished: the executor's
-    ``logs/completions`` mark finished tasks and a task killed midway is redone from scratch.
-    ``DONE`` is written last. ``tasks`` > 1 helps when a domain is a folder of many JSONL files
-    (datatrove splits work by file); ``workers`` runs tasks in parallel processes.
+    Reads the JSONL splits of ``jsonl_dir`` or, with ``inputs``, corpus files directly. Each document is
+    followed by ``eos_token`` (default: the tokenizer's own, see :func:`tokenizer_eos`; ``</s>`` for
+    the LLM-jp tokenizers); ``tokenizer_dir`` may also be a ``tokenizer.json`` or a hub id (see
+    :func:`resolve_tokenizer_json`). Runs in place (not atomically) so that a rerun skips what
+    finished: the executor's ``logs/completions`` mark finished tasks and a task killed midway is
+    redone from scratch; the manifest is written last. ``tasks`` > 1 shares a domain's files out
+    over tasks; ``workers`` is how many run at once (local: processes, default 1; Slurm: array tasks,
+    default no limit).
+
+    ``executor="slurm"`` submits the tasks as a Slurm array (``slurm``: partition, time, ...) and
+    the manifest as a job that runs after it, and returns at once; rerunning the same call resubmits
+    the tasks that did not complete.
     """
+    if executor not in EXECUTORS:
+        raise UserError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    if executor == "slurm" and slurm is None:
+        raise UserError("the slurm executor needs a partition and a time limit (--partition, --time)")
+    if workers is not None and workers < 1:
+        raise UserError(f"workers must be >= 1, got {workers}")
+    out_dir = Path(out_dir).resolve() if executor == "slurm" else Path(out_dir)  # jobs may start elsewhere
+    pipeline, n_tasks, _ = shard_pipeline(jsonl_dir, tokenizer_dir, out_dir, tasks=tasks, splits=splits,
+                                          eos_token=eos_token, inputs=inputs)
+    for name in (MANIFEST_FILE, "DONE"):  # until every task is done again, these shards are not finished
+        (out_dir / name).unlink(missing_ok=True)
+    if executor == "slurm":
+        assert slurm is not None
+        _, finish = slurm_executors(pipeline, n_tasks, out_dir, slurm, workers if workers is not None else -1)
+        finish.run()
+        return out_dir
     from datatrove.executor import LocalPipelineExecutor
 
-    if workers < 1:
-        raise UserError(f"workers must be >= 1, got {workers}")
-    out_dir = Path(out_dir)
-    pipeline, n_tasks, plan = shard_pipeline(jsonl_dir, tokenizer_dir, out_dir, tasks=tasks, splits=splits,
-                                             eos_token=eos_token)
-    done = out_dir / "DONE"
-    done.unlink(missing_ok=True)
-    executor = LocalPipelineExecutor(pipeline, tasks=n_tasks, workers=min(workers, n_tasks),
-                                     logging_dir=str(out_dir / "logs"))
-    executor.run()
-    incomplete = executor.get_incomplete_ranks(range(n_tasks), skip_completed=True)
-    if incomplete:
-        raise UserError(f"datatrove tasks {incomplete} did not complete; see {out_dir / 'logs'} and rerun")
-    write_json(done, plan)
+    local = LocalPipelineExecutor(pipeline, tasks=n_tasks, workers=min(workers or 1, n_tasks),
+                                  logging_dir=str(out_dir / LOGS))
+    local.run()
+    finish_shards(out_dir, n_tasks)
     return out_dir

@@ -110,12 +110,37 @@ def _check_upcycle(options: Any, source: str) -> dict[str, Any]:
     return dict(options)
 
 
-def resolve(base: str | Path, method: str, runs: str = "runs") -> Recipe:
-    """Merge the size's base YAML with a method's overlay (a table slug or a YAML file), checked."""
+def parse_weights(spec: str) -> dict[str, float]:
+    """``"ja=0.5,en=0.4,code=0.1"`` (``DATA_WEIGHTS``) -> ``{"ja": 0.5, "en": 0.4, "code": 0.1}``."""
+    weights: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        domain, sep, value = item.partition("=")
+        try:
+            weight = float(value) if sep and domain.strip() else None
+        except ValueError:
+            weight = None
+        if weight is None:
+            raise UserError(f"data weights must be DOMAIN=WEIGHT,... (e.g. ja=0.5,en=0.4,code=0.1), got {spec!r}")
+        weights[domain.strip()] = weight
+    return weights
+
+
+def resolve(base: str | Path, method: str, runs: str = "runs", data: str | None = None,
+            weights: dict[str, float] | None = None) -> Recipe:
+    """Merge the size's base YAML with a method's overlay (a table slug or a YAML file), checked.
+
+    ``data`` (``DATA=DIR`` of the launchers) replaces the base's ``data:`` with token shards built by
+    ``drop-upcycling data tokenize``, mixed by ``weights`` (default: the domains' sizes): the base's
+    weights name the built-in corpus's domains, which the shards need not have.
+    """
     base = Path(base)
     slug, over = load_overlay(method)
     name = f"{base.stem}_{slug}"
     merged = merge(load_yaml(base), over)
+    if weights and not data:
+        raise UserError("data weights apply to shards (DATA=DIR / --data)")
+    if data:
+        merged["data"] = {"shards": str(data), **({"weights": dict(weights)} if weights else {})}
     upcycle = merged.pop(UPCYCLE, None)
     source = f"{base} + {method}"
     if upcycle is not None:
@@ -124,6 +149,21 @@ def resolve(base: str | Path, method: str, runs: str = "runs") -> Recipe:
     train = {**head, **merged, "out": f"{runs}/{name}"}
     TrainConfig.from_mapping(train, source=source)  # every training key and value checked now, not at launch
     return Recipe(name, train, upcycle)
+
+
+def check_shards(recipe: Recipe, dense: str | Path | None) -> None:
+    """Refuse, before anything runs, shards the recipe's model cannot train on (see
+    :meth:`~drop_upcycling.data.TokenShards.check_fits`): the upcycled methods start from the dense
+    seed ``dense`` (when it exists), so its tokenizer must be the shards'."""
+    from .data import TokenShards
+
+    data = recipe.train["data"]
+    shards = TokenShards.load(data["shards"])
+    weights = data.get("weights")
+    files = shards.files_by_domain(data.get("split", "train"), list(weights) if weights else None)
+    seed = dense if recipe.upcycle is not None and dense and (Path(dense) / "config.json").is_file() else None
+    vocab = TrainConfig.from_mapping(recipe.train).planned_model_config().vocab_size
+    shards.check_fits(vocab, seed, files)
 
 
 def write(recipe: Recipe, folder: str | Path, sources: str = "") -> Path:
@@ -155,6 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write-dir", type=Path, default=None,
                         help="write DIR/NAME.yaml and print the shell variables (one METHOD); "
                              "without it, only check every METHOD")
+    parser.add_argument("--data", default=None, metavar="DIR",
+                        help="train on these shards (drop-upcycling data tokenize) instead of the base's data")
+    parser.add_argument("--data-weights", default=None, metavar="D=W,...",
+                        help="their domain mix, e.g. ja=0.5,en=0.4,code=0.1 (default: the domains' sizes)")
+    parser.add_argument("--check-shards", action="store_true",
+                        help="with --data: check that every METHOD's model can train on the shards (vocabulary, "
+                             "and the tokenizer of --dense for the methods upcycled from it)")
+    parser.add_argument("--dense", default=None, metavar="CKPT", help="the dense seed, for --check-shards")
     args = parser.parse_args(argv)
     if args.list:
         print(" ".join(slugs()))
@@ -162,7 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.base is None or not args.methods:
             raise UserError("give a base YAML and at least one METHOD (or --list)")
-        recipes = [resolve(args.base, m, args.runs) for m in args.methods]
+        weights = parse_weights(args.data_weights) if args.data_weights else None
+        recipes = [resolve(args.base, m, args.runs, args.data, weights) for m in args.methods]
+        if args.check_shards:
+            if not args.data:
+                raise UserError("--check-shards needs --data")
+            for recipe in recipes:
+                check_shards(recipe, args.dense)
         if args.write_dir is not None:
             if len(recipes) != 1:
                 raise UserError("--write-dir takes one METHOD")

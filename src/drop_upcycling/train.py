@@ -68,22 +68,47 @@ log = logging.getLogger(__name__)
 
 
 # ============================================================================ data, model and optimizer
-def build_reader(run: TrainConfig, cfg: ModelConfig, rank: int, world_size: int) -> tuple[TokenSequenceReader, Path]:
-    """(reader of this rank's sequences, tokenizer dir) over the corpus ``run.data`` names, prepared
-    into the data cache on first use (tokenizer + token shards)."""
+def build_reader(run: TrainConfig, cfg: ModelConfig, rank: int, world_size: int
+                 ) -> tuple[TokenSequenceReader, Path | None]:
+    """(reader of this rank's sequences, tokenizer dir for the checkpoints) over what ``run.data`` names:
+    token shards built by ``drop-upcycling data tokenize`` (``shards: DIR``, checked against their
+    manifest) or the built-in corpus, prepared into the data cache on first use (tokenizer + shards).
+
+    Either way the data's tokenizer must be the init checkpoint's (when it has one) and its ids must fit
+    the model, or the run stops here in one line; rank 0 says how often the run repeats the data when
+    its budget exceeds it.
+    """
     from . import data as data_mod
 
     data = run.data  # the fields were checked where the config was read (configs.DATA_SPECS)
-    prepared = data_mod.prepare_all(corpus=data.get("corpus"), cache_dir=data.get("cache_dir"),
-                                    vocab_size=data.get("vocab_size", cfg.vocab_size), seed=data.get("seed", 0),
-                                    max_docs_per_domain=data.get("max_docs_per_domain"),
-                                    pinned=data.get("pinned", True))
-    data_mod.check_vocab(prepared.tokenizer_dir, cfg.vocab_size)
     weights = data.get("weights")
-    files = prepared.files_by_domain(data.get("split", "train"), list(weights) if weights else None)
+    domains = list(weights) if weights else None
+    if data.get("shards") is not None:
+        shards = data_mod.TokenShards.load(data["shards"])
+        files = shards.files_by_domain(data.get("split", "train"), domains)
+        shards.check_fits(cfg.vocab_size, run.init, files)
+        tokenizer_dir = shards.tokenizer_dir or _init_tokenizer_dir(run.init)
+    else:
+        prepared = data_mod.prepare_all(corpus=data.get("corpus"), cache_dir=data.get("cache_dir"),
+                                        vocab_size=data.get("vocab_size", cfg.vocab_size), seed=data.get("seed", 0),
+                                        max_docs_per_domain=data.get("max_docs_per_domain"),
+                                        pinned=data.get("pinned", True))
+        data_mod.check_vocab(prepared.tokenizer_dir, cfg.vocab_size)
+        data_mod.check_init_tokenizer(prepared.tokenizer_sha256, f"the corpus's tokenizer {prepared.tokenizer_dir}",
+                                      run.init)
+        files = prepared.files_by_domain(data.get("split", "train"), domains)
+        tokenizer_dir = Path(prepared.tokenizer_dir)
     reader = data_mod.TokenSequenceReader(files, run.seq_len, weights=weights, seed=run.seed, rank=rank,
                                           world_size=world_size)
-    return reader, Path(prepared.tokenizer_dir)
+    note = data_mod.epochs_note(reader, run.total_steps * (run.global_batch_tokens // run.seq_len))
+    if note and rank == 0:
+        log.warning(note)
+    return reader, tokenizer_dir
+
+
+def _init_tokenizer_dir(init: str | None) -> Path | None:
+    """The init checkpoint, when it carries a tokenizer (for the checkpoints of a run from shards without one)."""
+    return Path(init) if init is not None and (Path(init) / "tokenizer.json").is_file() else None
 
 
 def build_model(cfg: ModelConfig, run: TrainConfig, env: ParallelEnv) -> CausalLM:

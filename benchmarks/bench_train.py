@@ -43,11 +43,15 @@ class _Interleaved:
         return min(self.times[1:])  # the first call is the reference's warm-up
 
 
-def _report(benchmark, name: str, tokens: int, ref_seconds: float) -> None:
-    ours = benchmark.stats.stats.min
+def _report(benchmark, record_ratio, key: str, name: str, tokens: int, ref: _Interleaved) -> None:
+    ours, ref_seconds = benchmark.stats.stats.min, ref.min
     info = {"tokens": tokens, "ours_tokens_per_s": tokens / ours, "transformers_tokens_per_s": tokens / ref_seconds,
             "speedup_vs_transformers": ref_seconds / ours}
     benchmark.extra_info.update(info)
+    # Per round: the reference ran just before ours (its warm-up call is not a round).
+    per_round = [r / o for r, o in zip(ref.times[-ROUNDS:], benchmark.stats.stats.data, strict=True)]
+    record_ratio(key, per_round, better="higher", label=f"{name}: tokens/s ours / transformers",
+                 **{k: round(v, 1) for k, v in info.items()})
     print(f"\n{name}: ours {info['ours_tokens_per_s']:.0f} tok/s, transformers "
           f"{info['transformers_tokens_per_s']:.0f} tok/s, ratio {info['speedup_vs_transformers']:.2f}x")
 
@@ -59,7 +63,7 @@ def _threads():
     torch.set_num_threads(before)
 
 
-def test_train_step_tiny_moe_vs_transformers_mixtral(benchmark) -> None:
+def test_train_step_tiny_moe_vs_transformers_mixtral(benchmark, record_ratio) -> None:
     from transformers import MixtralConfig, MixtralForCausalLM
 
     cfg = MODEL_CONFIGS["tiny-moe"].replace(vocab_size=8192)
@@ -84,10 +88,11 @@ def test_train_step_tiny_moe_vs_transformers_mixtral(benchmark) -> None:
 
     ref = _Interleaved(step_hf)
     benchmark.pedantic(step_ours, setup=ref, rounds=ROUNDS, iterations=1, warmup_rounds=1)
-    _report(benchmark, "train step (tiny MoE, 8 x 128 tokens)", ids.numel(), ref.min)
+    _report(benchmark, record_ratio, "train_step_tiny_moe_vs_transformers", "Training step (tiny MoE, 8 x 128 tokens, "
+            "fp32)", ids.numel(), ref)
 
 
-def test_moe_layer_8x152m_shape_vs_transformers_block(benchmark) -> None:
+def test_moe_layer_8x152m_shape_vs_transformers_block(benchmark, record_ratio) -> None:
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
@@ -112,4 +117,5 @@ def test_moe_layer_8x152m_shape_vs_transformers_block(benchmark) -> None:
 
     ref = _Interleaved(lambda: fwd_bwd(hf, None))
     benchmark.pedantic(lambda: fwd_bwd(ours, 0), setup=ref, rounds=ROUNDS, iterations=1, warmup_rounds=1)
-    _report(benchmark, "MoE layer fwd+bwd (8x152M shape, 1024 tokens)", x.shape[1], ref.min)
+    _report(benchmark, record_ratio, "moe_layer_8x152m_vs_transformers", "MoE layer fwd+bwd (8x152M shape, "
+            "1024 tokens, fp32)", x.shape[1], ref)

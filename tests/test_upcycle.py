@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -14,6 +15,7 @@ from conftest import random_model
 from safetensors.torch import load_file, save_file
 
 from drop_upcycling.checkpoint import (
+    DTYPES,
     CheckpointReader,
     hf_dense_ffn_name,
     hf_expert_name,
@@ -22,7 +24,8 @@ from drop_upcycling.checkpoint import (
 )
 from drop_upcycling.cli import main as cli
 from drop_upcycling.configs import ModelConfig
-from drop_upcycling.upcycle import UpcycleOptions, router_weights, upcycle
+from drop_upcycling.model import keyed_generator
+from drop_upcycling.upcycle import UpcycleOptions, _mean_std, router_weights, upcycle
 
 # Wide enough for the statistics checks: 256 neurons, 64-dim rows.
 STATS_DENSE = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
@@ -117,6 +120,55 @@ def test_drop_reinitializes_exactly_int_r_dff_neurons_per_matrix(stats_dense_dir
                 sets[m] = set(changed.tolist())
             if ratio < 1.0:  # per-matrix (default): independent sets
                 assert sets["w1"] != sets["w3"] and sets["w1"] != sets["w2"]
+
+
+def _reference_drop(dense: dict[str, torch.Tensor], seed: int, layer: int, expert: int, ratio: float,
+                    index_mode: str, stats: str) -> dict[str, torch.Tensor]:
+    """DU as the code computed it before the conversion was made fast (np.mean/np.std of the gathered
+    slice, a clone with the fresh neurons copied in): the speed work must not change a bit."""
+    out = {}
+    for m in PROJ:
+        axis = 1 if m == "w2" else 0
+        which = m if index_mode == "per-matrix" else "shared"
+        d_ff = dense[m].shape[axis]
+        idx = torch.randperm(d_ff, generator=keyed_generator(seed, "index", layer, expert, which))[:int(ratio * d_ff)]
+        a = (dense[m].index_select(axis, idx) if stats == "dropped" else dense[m]).float().numpy()
+        mean, std = float(a.mean(dtype=np.float64)), float(a.std(dtype=np.float64, ddof=1))
+        shape = list(dense[m].shape)
+        shape[axis] = idx.numel()
+        fresh = torch.empty(shape).normal_(mean, std, generator=keyed_generator(seed, "drop", layer, expert, m))
+        out[m] = dense[m].clone().index_copy_(axis, idx, fresh.to(dense[m].dtype))
+    return out
+
+
+@pytest.mark.parametrize("index_mode,stats,dtype", [
+    ("per-matrix", "dropped", "bf16"), ("per-matrix", "dropped", "fp32"), ("shared", "full", "bf16"),
+    ("per-matrix", "full", "fp32"),
+])
+def test_drop_output_is_bitwise_the_reference_computation(stats_dense_dir: Path, tmp_path: Path, index_mode: str,
+                                                          stats: str, dtype: str) -> None:
+    out = tmp_path / "du"
+    upcycle(stats_dense_dir, out, UpcycleOptions(method="drop", ratio=0.375, num_experts=4, seed=9, dtype=dtype,
+                                                 index_mode=index_mode, stats=stats))
+    for layer in range(STATS_DENSE.num_hidden_layers):
+        dense = {m: t.to(DTYPES[dtype]) for m, t in _dense_ffn(stats_dense_dir, layer).items()}
+        for e in range(4):
+            expected = _reference_drop(dense, 9, layer, e, 0.375, index_mode, stats)
+            for m in PROJ:
+                assert torch.equal(_expert(out, layer, e, m), expected[m]), (layer, e, m)
+
+
+def test_mean_std_is_numpys_bit_for_bit() -> None:
+    """The shared-sum mean/std equals np.mean/np.std(ddof=1) exactly, whatever the size (numpy sums
+    in 8192-element buffers, pairwise within) and the scale."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        rows, cols = (int(n) for n in torch.randint(1, 3000, (2,), generator=g))
+        scale = float(10.0 ** torch.randint(-5, 3, (1,), generator=g))
+        t = (torch.randn(rows, cols // 4 + 1, generator=g) * scale + scale / 3).to(torch.bfloat16)
+        a = t.float().numpy()
+        expected = (float(a.mean(dtype=np.float64)), float(a.std(dtype=np.float64, ddof=1)) if a.size > 1 else 0.0)
+        assert _mean_std(t) == expected, t.shape
 
 
 def test_shared_index_mode_uses_one_set_per_expert(stats_dense_dir: Path, tmp_path: Path) -> None:

@@ -10,18 +10,51 @@
 pytest-benchmark times ours; the reference runs once before each of our rounds (interleaved, so both
 see the same machine load), and both numbers plus the ratio land in ``extra_info`` (``--benchmark-json``)
 and on stdout. Best-of-rounds (min) is compared.
+
+The CPU study's training step (:func:`measure_study_step`, also ``python benchmarks/bench_train.py``):
+:meth:`~drop_upcycling.train.Trainer.train_step` of the main job's MoE at full scale
+(``smoke.SCALES["full"]``: 4 layers, width 128, FFN 512, 8 experts top-2, vocab 2,048, 2,048 tokens
+per step) in the job's layout (EP=2 over 2 gloo processes, one thread each) and its optimizer, on
+random tokens. Every round runs, in both processes at once, one step and one *GEMM chain*: each
+matmul of the step at its shape on this rank (attention projections, attention scores and values,
+routers, each local expert's three projections at balanced routing, the LM head), forward and both
+backward products, into preallocated outputs, with no other work. The chain's FLOPs are the step's
+(:func:`drop_upcycling.flops.training_flops_per_token`, every query charged for all keys), so its time
+is the step's at the GEMM rate these shapes reach on this machine now; the step's *share* of that
+rate is chain time / step time, per round. A step's time is the slower rank's. Reported: tokens/s
+(best and median round), the chain's GFLOP/s, the share (median, min, max over rounds), and a
+profile of a few more steps on rank 0 (:func:`_profile_steps`): the time of each component (attention,
+MoE layer, LM head, loss, gradient reduction, optimizer, ...), forward and backward, split into
+matmuls, the attention kernel, collectives (including waiting for the other rank), other ops, and
+time with no op running (Python, autograd engine, dispatch). The profiler's own overhead inflates
+the per-op parts; compare shares, not absolute milliseconds. On a busy machine every number moves:
+repeat, and compare only runs made in the same minutes.
+
+    python benchmarks/bench_train.py --rounds 12 --json study.json   # or: tox -e bench
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import statistics
+import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 
-from drop_upcycling.configs import MODEL_CONFIGS
+from drop_upcycling.configs import MODEL_CONFIGS, ModelConfig, TrainConfig
+from drop_upcycling.flops import training_flops_per_token
 from drop_upcycling.model import CausalLM
 from drop_upcycling.moe import SparseMoeBlock
+from drop_upcycling.parallel import init_parallel, spawn_local
+from drop_upcycling.smoke import SCALES
+from drop_upcycling.train import STEP_PHASES, Trainer
 
 ROUNDS = 5
 
@@ -119,3 +152,288 @@ def test_moe_layer_8x152m_shape_vs_transformers_block(benchmark, record_ratio) -
     benchmark.pedantic(lambda: fwd_bwd(ours, 0), setup=ref, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     _report(benchmark, record_ratio, "moe_layer_8x152m_vs_transformers", "MoE layer fwd+bwd (8x152M shape, "
             "1024 tokens, fp32)", x.shape[1], ref)
+
+
+# ============================================================================ the CPU study's training step
+STUDY_NPROC, STUDY_EP = 2, 2  # the main job's MoE runs (smoke.Smoke._add_training): EP=2, 2 processes
+
+
+def study_run(**changes: Any) -> TrainConfig:
+    """The main job's MoE training config at full scale (random init instead of an upcycled one)."""
+    s = SCALES["full"]
+    model = {**s.model, "num_experts": s.num_experts, "num_experts_per_tok": s.top_k}
+    fields = {"model": model, "seq_len": s.seq_len, "global_batch_tokens": s.global_batch_tokens,
+              "micro_batch_size": s.micro_batch_size, "steps": 10**6, "lr": s.moe_lr, "min_lr": s.moe_lr / 10,
+              "warmup_steps": 10, "dtype": "fp32", "ep": STUDY_EP, "adamw_impl": s.adamw_impl, **changes}
+    return TrainConfig(**fields)
+
+
+class RandomTokens:
+    """A stand-in for the trainer's data reader: uniform random ids, a stream per rank."""
+
+    def __init__(self, vocab_size: int, seq_len: int, rank: int) -> None:
+        self.vocab_size, self.seq_len = vocab_size, seq_len
+        self.gen = torch.Generator().manual_seed(1000 + rank)
+
+    def next_batch(self, batch_size: int) -> torch.Tensor:
+        return torch.randint(0, self.vocab_size, (batch_size, self.seq_len), generator=self.gen)
+
+
+def step_matmuls(cfg: ModelConfig, run: TrainConfig, ep_size: int) -> list[tuple[int, int, int, int]]:
+    """(batch, m, k, n) of every matmul of one rank's micro-batch forward: what the GEMM chain runs.
+
+    Under expert parallelism each of the ``E / ep`` local experts receives ``T * K * ep / E`` rows at
+    balanced routing (the copies of all ranks' tokens routed to it); the rank's expert rows total T*K.
+    """
+    t, s = run.micro_batch_size * run.seq_len, run.seq_len
+    d, f, v, h, hd = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_attention_heads, cfg.head_dim
+    q_dim, kv_dim = h * hd, cfg.num_key_value_heads * hd
+    layer = [(1, t, d, q_dim), (1, t, d, kv_dim), (1, t, d, kv_dim), (1, t, q_dim, d),
+             (run.micro_batch_size * h, s, hd, s), (run.micro_batch_size * h, s, s, hd)]
+    if cfg.is_moe:
+        local, rows = cfg.num_experts // ep_size, t * cfg.num_experts_per_tok * ep_size // cfg.num_experts
+        layer += [(1, t, d, cfg.num_experts)] + [(1, rows, d, f), (1, rows, d, f), (1, rows, f, d)] * local
+    else:
+        layer += [(1, t, d, f), (1, t, d, f), (1, t, f, d)]
+    return layer * cfg.num_hidden_layers + [(1, t, d, v)]
+
+
+def gemm_chain(shapes: list[tuple[int, int, int, int]]) -> tuple[Callable[[], None], float]:
+    """(run, FLOPs): Y = X W, dX = dY W^T, dW = X^T dY for each shape, into preallocated outputs."""
+    gen = torch.Generator().manual_seed(0)
+    bufs = []
+    for b, m, k, n in shapes:
+        x, w, dy = (torch.randn(b, *shape, generator=gen) for shape in ((m, k), (k, n), (m, n)))
+        bufs.append((x, w, dy, torch.empty(b, m, n), torch.empty(b, m, k), torch.empty(b, k, n)))
+
+    def run() -> None:
+        for x, w, dy, y, dx, dw in bufs:
+            torch.bmm(x, w, out=y)
+            torch.bmm(dy, w.transpose(1, 2), out=dx)
+            torch.bmm(x.transpose(1, 2), dy, out=dw)
+
+    return run, float(sum(6 * b * m * k * n for b, m, k, n in shapes))
+
+
+KINDS = ("matmul", "attention kernel", "collectives", "other ops", "no op")  # columns of the profile
+
+
+def _kind(name: str) -> str:
+    """What an op is: a matmul, the attention kernel, a collective (its time includes waiting for the
+    other rank), another ATen op, or an autograd node's own time (``no op``: the engine, like Python)."""
+    if name in ("aten::mm", "aten::bmm", "aten::addmm"):
+        return "matmul"
+    if "scaled_dot_product" in name:
+        return "attention kernel"
+    if name.startswith(("c10d::", "_AllToAll", "gloo:")) or "all_to_all" in name or "allreduce" in name:
+        return "collectives"
+    return "other ops" if name.startswith("aten::") else "no op"
+
+
+def _component_labels(model: torch.nn.Module) -> dict[torch.nn.Module, str]:
+    """Which component each module's forward (and the backward of the ops it ran) counts to."""
+    labels: dict[torch.nn.Module, str] = {model.model.embed_tokens: "embedding"}
+    for layer in model.model.layers:
+        labels[layer.input_layernorm] = labels[layer.self_attn] = "attention (norm, projections, RoPE, SDPA)"
+        ffn = getattr(layer, "block_sparse_moe", None) or layer.mlp
+        labels[layer.post_attention_layernorm] = labels[ffn] = ("MoE layer (norm, router, dispatch, all-to-all, "
+                                                                "experts)" if hasattr(layer, "block_sparse_moe")
+                                                                else "MLP (norm, projections)")
+    labels[model.model.norm] = labels[model.lm_head] = "LM head (final norm, projection)"
+    return labels
+
+
+def _profile_steps(trainer: Trainer, steps: int) -> dict[str, Any]:
+    """Where ``steps`` profiled steps spend their time on this rank, in ms per step.
+
+    The forward's ops count to the component whose module ran them (forward hooks open a profiler
+    range per module; ops outside any are the loss and the residual stream), the backward's to the
+    component of the forward op that made their autograd node (matched by sequence number); the
+    phases after the backward (:data:`~drop_upcycling.train.STEP_PHASES`) are components of their
+    own. Each component's time is split by :func:`_kind`; a range's own time (no op running) is
+    Python and dispatch, counted as ``no op``.
+    """
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    model = trainer.model
+    labels = _component_labels(model)
+    open_ranges: dict[torch.nn.Module, Any] = {}
+
+    def enter(module: torch.nn.Module, _args: Any) -> None:
+        open_ranges[module] = record_function(f"module: {labels[module]}")
+        open_ranges[module].__enter__()
+
+    def leave(module: torch.nn.Module, _args: Any, _out: Any) -> None:
+        open_ranges.pop(module).__exit__(None, None, None)
+
+    hooks = [h for m in labels for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            dist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                trainer.train_step()
+                trainer.step += 1
+            wall_ms = (time.perf_counter() - t0) / steps * 1e3  # before the profiler's own post-processing
+    finally:
+        for h in hooks:
+            h.remove()
+
+    def chain(e: Any) -> list[Any]:
+        out = [e]
+        while out[-1].cpu_parent is not None:
+            out.append(out[-1].cpu_parent)
+        return out
+
+    events = prof.events()
+    component_of_seq: dict[int, str] = {}
+    for e in events:  # forward ops: the innermost module range above them
+        up = chain(e)
+        if e.sequence_nr >= 0 and up[-1].name == "forward":
+            component_of_seq[e.sequence_nr] = next(
+                (a.name.removeprefix("module: ") for a in up if a.name.startswith("module: ")), "loss, residual stream")
+    table: dict[str, dict[str, float]] = {}
+    phases: dict[str, float] = {}
+    for e in events:
+        up = chain(e)
+        root = up[-1].name
+        if e.name in STEP_PHASES:
+            phases[e.name] = phases.get(e.name, 0.0) + e.cpu_time_total / steps / 1e3
+        if root == "forward":
+            component = next((a.name.removeprefix("module: ") for a in up if a.name.startswith("module: ")),
+                             "loss, residual stream")
+        elif root == "backward":
+            node = next((a for a in up if a.name.startswith("autograd::engine::evaluate_function")), None)
+            component = (component_of_seq.get(node.sequence_nr, "loss, residual stream") if node is not None
+                         and node.sequence_nr >= 0 else "backward: gradient accumulation, engine")
+        elif root in STEP_PHASES:
+            component = {"gradients": "gradient reduction and clipping", "optimizer": "optimizer",
+                         "metrics": "metrics"}[root]
+        else:
+            component = "the loop around the phases"
+        kind = "no op" if e.name in STEP_PHASES or e.name.startswith("module: ") else _kind(e.name)
+        row = table.setdefault(component, dict.fromkeys(KINDS, 0.0))
+        row[kind] += e.self_cpu_time_total / steps / 1e3
+    accounted = sum(sum(row.values()) for row in table.values())
+    table.setdefault("the loop around the phases", dict.fromkeys(KINDS, 0.0))["no op"] += max(0.0, wall_ms - accounted)
+    rows = dict(sorted(table.items(), key=lambda kv: -sum(kv[1].values())))
+    return {"profiled_step_ms": wall_ms, "phases_ms": phases, "components_ms": rows}
+
+
+def _study_worker(out: str, rounds: int, warmup: int, profile_steps: int, changes: dict[str, Any]) -> None:
+    """One rank of :func:`measure_study_step` (spawned with torchrun's environment, one thread)."""
+    run = study_run(**changes)
+    cfg = run.model_config()
+    env = init_parallel(ep_size=run.ep, num_experts=cfg.num_experts)
+    trainer = Trainer(run, env, reader=RandomTokens(cfg.vocab_size, run.seq_len, env.rank))
+    chain, flops = gemm_chain(step_matmuls(cfg, run, env.ep_size))
+    tokens = run.micro_batch_size * run.seq_len
+    assert flops == training_flops_per_token(cfg, run.seq_len) * tokens, "the chain has the step's FLOPs"
+
+    def step() -> None:
+        trainer.train_step()
+        trainer.step += 1
+
+    times: dict[str, list[float]] = {"step": [], "chain": []}
+    for i in range(warmup + rounds):
+        for name, fn in (("chain", chain), ("step", step)):
+            dist.barrier()  # both ranks start together: a round sees one machine load
+            t0 = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    slowest = {}
+    for name, ts in times.items():  # a step ends when the slower rank's does
+        t = torch.tensor(ts, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        slowest[name] = t.tolist()
+    profiled = _profile_steps(trainer, profile_steps) if profile_steps else None
+    if env.rank == 0:
+        Path(out).write_text(json.dumps({"run": run.as_dict(), "world_size": env.world_size,
+                                         "chain_flops_per_rank": flops, "times_s": slowest,
+                                         "profile_rank0": profiled}))
+
+
+def measure_study_step(rounds: int = 10, warmup: int = 3, profile_steps: int = 3, **changes: Any) -> dict[str, Any]:
+    """Tokens/s of the study's training step and its share of the GEMM-equivalent rate (see the module
+    docstring); ``changes`` override fields of :func:`study_run` (``adamw_impl``, ``ep``, ...)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "study.json"
+        spawn_local(_study_worker, STUDY_NPROC, str(out), rounds, warmup, profile_steps, changes)
+        raw = json.loads(out.read_text())
+    step, chain = raw["times_s"]["step"], raw["times_s"]["chain"]
+    tokens = raw["run"]["global_batch_tokens"]
+    shares = sorted(c / s for c, s in zip(chain, step, strict=True))
+    return {
+        "layout": f"{raw['world_size']} processes x 1 thread, ep {raw['run']['ep']}",
+        "adamw_impl": raw["run"]["adamw_impl"], "rounds": rounds,
+        "tokens_per_s_best": tokens / min(step), "tokens_per_s_median": tokens / statistics.median(step),
+        "gemm_chain_gflops_median": raw["chain_flops_per_rank"] * raw["world_size"] / statistics.median(chain) / 1e9,
+        "share_median": statistics.median(shares), "share_min": shares[0], "share_max": shares[-1],
+        "shares": [c / s for c, s in zip(chain, step, strict=True)],
+        "step_ms_median": 1e3 * statistics.median(step), "chain_ms_median": 1e3 * statistics.median(chain),
+        "profile_rank0": raw["profile_rank0"],
+    }
+
+
+def format_profile(prof: dict[str, Any]) -> list[str]:
+    total = prof["profiled_step_ms"]
+    lines = [f"  profiled step (rank 0; the profiler's overhead included): {total:.0f} ms; phases: "
+             + ", ".join(f"{k} {v:.0f}" for k, v in prof["phases_ms"].items()),
+             f"    {'component':56s} {'ms':>6s} {'share':>6s} " + " ".join(f"{k:>16s}" for k in KINDS)]
+    for name, row in prof["components_ms"].items():
+        ms = sum(row.values())
+        lines.append(f"    {name:56s} {ms:6.1f} {ms / total:6.1%} " + " ".join(f"{row[k]:16.1f}" for k in KINDS))
+    sums = {k: sum(row[k] for row in prof["components_ms"].values()) for k in KINDS}
+    lines.append(f"    {'all':56s} {sum(sums.values()):6.1f} {sum(sums.values()) / total:6.1%} "
+                 + " ".join(f"{sums[k]:16.1f}" for k in KINDS))
+    return lines
+
+
+def format_study(r: dict[str, Any]) -> str:
+    lines = [f"CPU study train step ({r['layout']}, adamw {r['adamw_impl']}, {r['rounds']} rounds): "
+             f"{r['tokens_per_s_median']:.0f} tok/s median ({r['tokens_per_s_best']:.0f} best), "
+             f"{r['step_ms_median']:.0f} ms/step; GEMM chain {r['gemm_chain_gflops_median']:.0f} GFLOP/s "
+             f"({r['chain_ms_median']:.0f} ms); share {r['share_median']:.0%} "
+             f"[{r['share_min']:.0%} .. {r['share_max']:.0%}]"]
+    if r.get("profile_rank0"):
+        lines += format_profile(r["profile_rank0"])
+    return "\n".join(lines)
+
+
+STUDY_SHARE_TARGET = 0.70  # issue 13: the study's step at >= 70% of its GEMM-equivalent rate on 2 cores
+
+
+def test_cpu_study_train_step_share_of_gemm_rate(benchmark, request: pytest.FixtureRequest) -> None:
+    result: dict[str, Any] = {}
+    benchmark.pedantic(lambda: result.update(measure_study_step()), rounds=1, iterations=1)
+    benchmark.extra_info.update(result)
+    print("\n" + format_study(result))
+    try:  # benchmarks/results.json, where the benchmarks' conftest provides it
+        record_ratio = request.getfixturevalue("record_ratio")
+    except pytest.FixtureLookupError:
+        return
+    record_ratio("train_step_share_of_gemm", result["shares"], target=STUDY_SHARE_TARGET, better="higher", unit="%",
+                 label=f"CPU study MoE train step ({result['layout']}): share of its GEMM-equivalent rate",
+                 tokens_per_s_median=result["tokens_per_s_median"],
+                 gemm_chain_gflops_median=result["gemm_chain_gflops_median"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="the CPU study's training step vs its GEMM-equivalent rate")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--profile-steps", type=int, default=3, help="profiled steps after the rounds (0: none)")
+    parser.add_argument("--adamw-impl", choices=("loop", "fused"), help="default: the study's")
+    parser.add_argument("--json", type=Path, help="also write the result here")
+    args = parser.parse_args(argv)
+    changes = {"adamw_impl": args.adamw_impl} if args.adamw_impl else {}
+    result = measure_study_step(args.rounds, args.warmup, args.profile_steps, **changes)
+    print(format_study(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

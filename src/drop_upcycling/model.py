@@ -57,10 +57,21 @@ def rotary_cos_sin(seq_len: int, head_dim: int, theta: float, device: torch.devi
     return emb.cos(), emb.sin()
 
 
-def apply_rotary(x_BHSd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """The sin table with its first half negated: what :func:`apply_rotary` takes."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def apply_rotary(x_BHSd: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """HF's ``x * cos + rotate_half(x) * sin``, where ``rotate_half(x) = cat(-x2, x1)``.
+
+    Computed as ``x * cos + roll(x, d/2) * sin_signed`` (:func:`signed_sin`): the minus sign moves from
+    the activation to the table, ``(-a) * b == a * (-b)`` exactly, so values and gradients are bitwise
+    HF's, with one copy instead of a negation and a concatenation (and fewer ops in the backward).
+    """
     half = x_BHSd.shape[-1] // 2
-    rotated = torch.cat((-x_BHSd[..., half:], x_BHSd[..., :half]), dim=-1)
-    return (x_BHSd * cos + rotated * sin).to(x_BHSd.dtype)
+    return (x_BHSd * cos + torch.roll(x_BHSd, half, dims=-1) * sin_signed).to(x_BHSd.dtype)
 
 
 class Attention(nn.Module):
@@ -72,13 +83,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
         b, s, _ = x_BSD.shape
         q = self.q_proj(x_BSD).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x_BSD).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x_BSD).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
-        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        cos, sin_signed = cos.to(q.dtype), sin_signed.to(q.dtype)
+        q, k = apply_rotary(q, cos, sin_signed), apply_rotary(k, cos, sin_signed)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
@@ -109,8 +120,8 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin_signed)
         h = self.post_attention_layernorm(x)
         if hasattr(self, "block_sparse_moe"):
             y, routing = self.block_sparse_moe(h)
@@ -139,6 +150,27 @@ class Losses:
     z_loss: torch.Tensor | None = None
 
 
+def next_token_ce_sum(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
+    """Sum over positions of the cross-entropy of token ``s + 1`` given the logits at ``s`` (-100 ignored).
+
+    Bitwise ``F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), labels[:, 1:].reshape(-1),
+    ignore_index=-100, reduction="sum")``, value and gradient, without its cost at a small model's
+    shapes, where the logits are the largest activation of the step: slicing off the last position
+    copies all the logits to flatten them, and the slice's backward zero-fills and copies a gradient
+    of the same size. Here the log-softmax reads the logits as they are (all positions, a view), only
+    the target log-probabilities are gathered, and the sum is ``nll_loss`` over exactly the rows it
+    summed before (same count, same order; one column each), so even the rounding of the sum is unchanged.
+    """
+    b, s, v = logits_BSV.shape
+    logp_NV = F.log_softmax(logits_BSV.reshape(-1, v).float(), dim=-1)
+    targets_BS1 = labels_BS[:, 1:]  # S - 1 predicted positions per sequence
+    # Any class for ignored targets and the unpredicted last position: those rows are dropped below.
+    gather_N1 = F.pad(targets_BS1.clamp_min(0), (0, 1)).reshape(-1, 1)
+    picked_BS = logp_NV.gather(1, gather_N1).view(b, s)
+    keep_M = torch.where(targets_BS1 == -100, -100, 0).reshape(-1)  # column 0 of picked, or ignored
+    return F.nll_loss(picked_BS[:, :-1].reshape(-1, 1), keep_M, ignore_index=-100, reduction="sum")
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, router_logits: list[torch.Tensor],
                    cfg: ModelConfig, group: dist.ProcessGroup | None = None) -> Losses:
     """The training loss of one batch: next-token cross-entropy plus the weighted router losses.
@@ -151,8 +183,7 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, router_logits: li
     (:func:`~drop_upcycling.moe.load_balancing_loss`); the z-loss is a plain token mean.
     """
     targets = labels[:, 1:].reshape(-1)
-    ce_sum = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets, ignore_index=-100,
-                             reduction="sum")
+    ce_sum = next_token_ce_sum(logits, labels)
     n_valid = (targets != -100).sum().to(torch.float64)
     if group is not None and dist.get_world_size(group) > 1:
         n_valid = all_reduce_mean(n_valid, group)
@@ -217,9 +248,10 @@ class CausalLM(nn.Module):
         cfg = self.config
         x = self.model.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(input_ids.shape[1], cfg.head_dim, cfg.rope_theta, input_ids.device)
+        sin_signed = signed_sin(sin)
         router_logits, expert_ids = [], []
         for layer in self.model.layers:
-            x, routing = layer(x, cos, sin)
+            x, routing = layer(x, cos, sin_signed)
             if routing is not None:
                 router_logits.append(routing.logits_TE)
                 if return_expert_ids:

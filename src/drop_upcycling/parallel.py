@@ -190,12 +190,21 @@ def is_expert_param(name: str) -> bool:
 
 
 def _all_reduce_flat(tensors: list[torch.Tensor], group: dist.ProcessGroup, scale: float) -> None:
-    """Sum ``tensors`` over ``group`` in one flat buffer, then multiply by ``scale`` (in place)."""
+    """Sum ``tensors`` over ``group`` in one flat buffer, then multiply by ``scale`` (in place).
+
+    A group of one rank (the expert gradients under EP = world size) has nothing to exchange: the
+    tensors are scaled where they are, element by element, so the result is bitwise the flat path's
+    without copying every gradient into a buffer and back.
+    """
     if not tensors:
         return
+    if dist.get_world_size(group) == 1:
+        if scale != 1.0:
+            for t in tensors:
+                t.mul_(scale)
+        return
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    if dist.get_world_size(group) > 1:
-        dist.all_reduce(flat, group=group)
+    dist.all_reduce(flat, group=group)
     flat.mul_(scale)
     offset = 0
     for t in tensors:
@@ -224,12 +233,19 @@ def clip_gradients(model: torch.nn.Module, env: ParallelEnv, max_norm: float) ->
     """
     dense_sq = torch.zeros((), dtype=torch.float64, device=env.device)
     expert_sq = torch.zeros((), dtype=torch.float64, device=env.device)
-    for name, p in model.named_parameters():
-        sq = p.grad.detach().double().pow(2).sum()
+    named = list(model.named_parameters())
+    # One fp64 scratch for every tensor's squares: a fresh fp64 copy and a fresh square per tensor
+    # (``g.double().pow(2)``) cost more in allocation and page faults than in arithmetic. The same
+    # values are summed the same way (a contiguous sum), so the norm is bitwise the per-tensor one.
+    scratch = torch.empty(max(p.numel() for _, p in named), dtype=torch.float64, device=env.device)
+    for name, p in named:
+        sq = scratch[:p.numel()]
+        sq.copy_(p.grad.detach().reshape(-1))
+        sq.mul_(sq)
         if is_expert_param(name):
-            expert_sq += sq
+            expert_sq += sq.sum()
         else:
-            dense_sq += sq
+            dense_sq += sq.sum()
     if env.ep_size > 1:
         dist.all_reduce(expert_sq, group=env.expert_pg)
     total = float((dense_sq + expert_sq).sqrt())

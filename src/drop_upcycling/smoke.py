@@ -83,6 +83,10 @@ class Scale:
     dense_step_s: float = 0.05
     moe_step_s: float = 0.1
     methods: tuple[str, ...] = ("FS", "NU", "RNU-0.5", "DU-0.5", "DU-1.0")  # keys of the method table
+    # torch's fused AdamW (TrainConfig.adamw_impl): the optimizer 3x faster, the full-scale MoE step ~6%
+    # (benchmarks/bench_train.py); equal to the per-tensor loop to fp32 rounding, not bitwise, so runs
+    # made before it (reports/cpu_reproduction, trained with "loop") are not reproduced bit for bit.
+    adamw_impl: str = "fused"
     weights: dict[str, float] = field(default_factory=lambda: dict.fromkeys(DOMAINS, 0.25))
 
 
@@ -292,7 +296,7 @@ class Smoke:
             "seq_len": s.seq_len, "global_batch_tokens": s.global_batch_tokens,
             "micro_batch_size": s.micro_batch_size, "steps": steps, "lr": lr, "min_lr": lr / 10,
             "warmup_steps": warmup, "dtype": "fp32", "out": str(out), "save_every": max(10, steps // 4),
-            "keep_last": 1, "nodes": 1, "gpus_per_node": 2, "ep": 1,
+            "keep_last": 1, "nodes": 1, "gpus_per_node": 2, "ep": 1, "adamw_impl": s.adamw_impl,
         }
 
     def write_config(self, name: str, config: dict[str, Any]) -> Path:

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import dataclasses
 import json
 import logging
 import math
@@ -43,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from .checkpoint import checkpoint_problem, load_checkpoint, load_model, save_checkpoint, training_state
 from .configs import ModelConfig, TrainConfig
@@ -130,11 +133,17 @@ def build_model(cfg: ModelConfig, run: TrainConfig, env: ParallelEnv) -> CausalL
 
 
 def build_optimizer(model: torch.nn.Module, run: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (norm weights are 1-D), as HF Trainer and Megatron do."""
+    """AdamW; weight decay on matrices only (norm weights are 1-D), as HF Trainer and Megatron do.
+
+    ``run.adamw_impl``: ``"loop"`` is torch's single-tensor loop (``foreach`` is bitwise the same and
+    no faster on CPU); ``"fused"`` is torch's fused kernel, equal to the loop to fp32 rounding and
+    about 3x faster on CPU, where the loop takes 6-13% of a small model's step (the CPU study's).
+    """
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": run.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=run.lr, betas=(run.beta1, run.beta2), eps=run.eps, foreach=False)
+    impl = {"fused": {"fused": True}, "loop": {"foreach": False, "fused": False}}[run.adamw_impl]
+    return torch.optim.AdamW(groups, lr=run.lr, betas=(run.beta1, run.beta2), eps=run.eps, **impl)
 
 
 def lr_at(step: int, run: TrainConfig) -> float:
@@ -147,6 +156,9 @@ def lr_at(step: int, run: TrainConfig) -> float:
 
 
 # ============================================================================ the loop
+STEP_PHASES = ("forward", "backward", "gradients", "optimizer", "metrics")  # Trainer.train_step's profiler labels
+
+
 @dataclass
 class StepStats:
     loss: float
@@ -159,17 +171,25 @@ class StepStats:
 class Trainer:
     """Holds the run's pieces; :meth:`train` runs steps until ``run.total_steps``."""
 
-    def __init__(self, run: TrainConfig, env: ParallelEnv, resume_from: Path | None = None) -> None:
+    def __init__(self, run: TrainConfig, env: ParallelEnv, resume_from: Path | None = None,
+                 reader: TokenSequenceReader | None = None) -> None:
+        """``reader``: this rank's sequences instead of the corpus ``run.data`` names (benchmarks; such a
+        trainer saves checkpoints without a tokenizer)."""
         self.run, self.env = run, env
         self.cfg = run.model_config()
         self.out = Path(run.out)
         self.accum = accumulation_steps(run, env.world_size)
-        # Rank 0 first: it prepares the data cache on first use, the others then find it ready.
-        if not env.is_main:
-            env.barrier()
-        self.reader, self.tokenizer_dir = build_reader(run, self.cfg, env.data_rank, env.world_size)
-        if env.is_main:
-            env.barrier()
+        if reader is not None:
+            self.reader, self.tokenizer_dir = reader, None
+        else:
+            # Rank 0 first: it prepares the data cache on first use, the others then find it ready.
+            if not env.is_main:
+                env.barrier()
+            self.reader, self.tokenizer_dir = build_reader(run, self.cfg, env.data_rank, env.world_size)
+            if env.is_main:
+                env.barrier()
+        if env.device.type == "cpu":
+            reuse_freed_memory()
         torch.manual_seed(run.seed + env.rank)
         self.model = build_model(self.cfg, run, env)
         self.optimizer = build_optimizer(self.model, run)
@@ -194,6 +214,10 @@ class Trainer:
         global-batch loss. The metrics (loss terms, per-layer expert load) stay on the device, summed
         over the micro-batches, and are averaged over the ranks once at the end (NCCL reduces device
         tensors only), after the optimizer step.
+
+        The phases are labelled for ``torch.profiler`` (:data:`STEP_PHASES`; benchmarks/bench_train.py
+        reads them): ``forward`` (model and loss), ``backward``, ``gradients`` (reduction and clipping),
+        ``optimizer``, ``metrics``.
         """
         run, env, cfg = self.run, self.env, self.cfg
         lr = lr_at(self.step, run)
@@ -204,24 +228,28 @@ class Trainer:
                              device=env.device)  # token copies per (layer, expert)
         for _ in range(self.accum):
             ids = self.reader.next_batch(run.micro_batch_size).to(env.device)
-            with self.autocast:
+            with record_function("forward"), self.autocast:
                 out = self.model(ids, return_expert_ids=cfg.is_moe)
                 losses = causal_lm_loss(out.logits, ids, out.router_logits, cfg,
                                         group=env.world_pg if env.world_size > 1 else None)
-            (losses.loss / self.accum).backward()
+            with record_function("backward"):
+                (losses.loss / self.accum).backward()
             aux = losses.aux_loss if losses.aux_loss is not None else torch.zeros((), device=env.device)
             sums += torch.stack([losses.loss.detach(), losses.lm_loss.detach(), aux.detach()]).double()
             for layer, ids_TK in enumerate(out.expert_ids):
                 counts[layer] += torch.bincount(ids_TK.reshape(-1), minlength=cfg.num_experts).double()
-        reduce_gradients(self.model, env)
-        grad_norm = clip_gradients(self.model, env, run.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        sums = all_reduce_mean(sums, env.world_pg) / self.accum
-        if counts.numel() and env.world_size > 1:
-            dist.all_reduce(counts, group=env.world_pg)
-        load = (counts / counts.sum(-1, keepdim=True).clamp_min(1)).tolist()
-        sums = sums.tolist()
+        with record_function("gradients"):
+            reduce_gradients(self.model, env)
+            grad_norm = clip_gradients(self.model, env, run.grad_clip)
+        with record_function("optimizer"):
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        with record_function("metrics"):
+            sums = all_reduce_mean(sums, env.world_pg) / self.accum
+            if counts.numel() and env.world_size > 1:
+                dist.all_reduce(counts, group=env.world_pg)
+            load = (counts / counts.sum(-1, keepdim=True).clamp_min(1)).tolist()
+            sums = sums.tolist()
         return StepStats(loss=sums[0], lm_loss=sums[1], aux_loss=sums[2] if cfg.is_moe else None,
                          grad_norm=grad_norm, expert_load=[[round(x, 5) for x in row] for row in load])
 
@@ -266,6 +294,27 @@ class Trainer:
             _prune(self.out, self.run.keep_last)
         self.env.barrier()
         return path
+
+
+def reuse_freed_memory() -> None:
+    """Have glibc keep freed memory for reuse rather than give it back to the OS (Linux; else a no-op).
+
+    A step allocates and frees the same activations and gradients of a few MB each, every step.
+    glibc serves blocks above its mmap threshold with fresh mappings and trims the top of the heap
+    on free, so each step page-faults and zero-fills those megabytes anew: about 9,000 page faults
+    per step for the CPU study's model in one process, about 100 with the thresholds raised (blocks
+    up to 32 MiB, glibc's limit, then come from the heap). What is computed does not change; the
+    process keeps its peak heap, as a caching allocator would.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    mallopt(m_mmap_threshold, 32 << 20)
+    mallopt(m_trim_threshold, 1 << 30)
 
 
 def _autocast(run: TrainConfig, env: ParallelEnv):
@@ -391,12 +440,17 @@ def resume_point(out: Path) -> Path | None:
 
 
 def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Fields of the run config that differ from the checkpoint's and change what the run computes."""
+    """Fields of the run config that differ from the checkpoint's and change what the run computes.
+
+    A field the checkpoint's config lacks was added to TrainConfig since; its default is what that
+    run computed with (a new field's default keeps the old behavior).
+    """
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
     changes = {}
     for key in sorted(set(saved) | set(now)):
         if key in _FREE_FIELDS:
             continue
-        old, new = saved.get(key), now.get(key)
+        old, new = saved.get(key, defaults.get(key)), now.get(key)
         if key == "data":
             old, new = ({k: v for k, v in (d or {}).items() if k not in _FREE_DATA_FIELDS} for d in (old, new))
         if json.dumps(old, sort_keys=True) != json.dumps(new, sort_keys=True):

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from drop_upcycling.configs import MODEL_CONFIGS
 from drop_upcycling.errors import UserError
 from drop_upcycling.model import CausalLM, causal_lm_loss
-from drop_upcycling.moe import AllToAllDispatcher
+from drop_upcycling.moe import AllToAllDispatcher, set_expert_kernel
 from drop_upcycling.parallel import (
     clip_gradients,
     init_parallel,
@@ -35,7 +35,9 @@ def _reference_grads(ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.T
     return out.loss.detach(), {n: p.grad for n, p in ref.named_parameters()}
 
 
-def _equivalence_worker(ep_size: int) -> None:
+def _equivalence_worker(ep_size: int, kernel: str = "auto") -> None:
+    from test_grouped_experts import HostReads
+
     env = init_parallel(ep_size=ep_size, num_experts=CFG.num_experts)
     ids = _global_batch(env.world_size)
     ref_loss, ref_grads = _reference_grads(ids)
@@ -44,10 +46,15 @@ def _equivalence_worker(ep_size: int) -> None:
     dispatcher = AllToAllDispatcher(CFG.num_experts, env.expert_pg) if ep_size > 1 else None
     model = CausalLM(CFG, num_local=local, expert_offset=env.ep_rank * local, dispatcher=dispatcher)
     model.init_weights(SEED)
+    set_expert_kernel(model, kernel)
     mine = ids.chunk(env.world_size)[env.data_rank]
-    out = model(mine)
-    losses = causal_lm_loss(out.logits, mine, out.router_logits, CFG, group=env.world_pg)
-    losses.loss.backward()
+    with HostReads() as guard:
+        out = model(mine)
+        losses = causal_lm_loss(out.logits, mine, out.router_logits, CFG, group=env.world_pg)
+        losses.loss.backward()
+    if kernel == "grouped":
+        # The all-to-all's split sizes are the one host read of a layer (none in the backward).
+        assert len(guard.reads) == (CFG.num_hidden_layers if ep_size > 1 else 0), guard.reads
     reduce_gradients(model, env)
 
     mean_loss = losses.loss.detach().clone()
@@ -68,9 +75,12 @@ def _equivalence_worker(ep_size: int) -> None:
     assert abs(norm - float(ref_norm)) < 1e-5 * float(ref_norm)
 
 
-@pytest.mark.parametrize("ep_size", [2, 1], ids=["ep2", "dp2"])
-def test_two_ranks_match_one_process_on_the_global_batch(ep_size: int) -> None:
-    spawn_local(_equivalence_worker, 2, ep_size)
+@pytest.mark.parametrize(("ep_size", "kernel"), [(2, "auto"), (1, "auto"), (2, "grouped")],
+                         ids=["ep2", "dp2", "ep2-grouped"])
+def test_two_ranks_match_one_process_on_the_global_batch(ep_size: int, kernel: str) -> None:
+    """The reference is the single-process loop kernel; "grouped" runs torch's grouped GEMM on the
+    experts each rank received over the all-to-all."""
+    spawn_local(_equivalence_worker, 2, ep_size, kernel)
 
 
 def _round_trip_worker() -> None:

@@ -8,9 +8,15 @@ Split the torchtitan way so that expert parallelism is a different dispatcher, n
   :class:`LocalDispatcher` on one device; the expert-parallel all-to-all dispatcher implements the
   same two methods and exchanges the grouped tokens between "group by expert" and "run experts".
 - :class:`GroupedExperts`: the SwiGLU math on tokens that are already grouped by expert, given
-  tokens-per-expert counts. ``_expert_ffn`` is the one seam for a faster grouped kernel.
+  tokens-per-expert counts. ``_expert_ffn`` is the one seam for the expert kernel; it takes the
+  groups' end offsets as a tensor on the tokens' device. Two kernels sit behind it (``kernel=``):
+  ``"grouped"``, torch's grouped GEMM (``F.grouped_mm``: one launch per projection, offsets read on
+  the device, no host sync), and ``"loop"``, one matmul chain per expert (needs the counts on the
+  host). ``"auto"`` takes the grouped GEMM where it is a real, verified kernel (Hopper, bf16) and the loop
+  elsewhere, where it measures as fast or faster (CPU: torch's CPU grouped GEMM loops over groups itself).
 
-Dropless: every token copy is computed, no capacity factor.
+Dropless: every token copy is computed, no capacity factor. Host syncs: none on the single-device
+grouped path; under expert parallelism one per dispatch, the all-to-all's split sizes.
 
 Shape legend: T tokens, D hidden, F expert FFN width, E experts (global), L local experts,
 K top-k, A = T*K token copies (assignments), G grouped assignments received by local experts.
@@ -18,8 +24,9 @@ K top-k, A = T*K token copies (assignments), G grouped assignments received by l
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol, get_args
 
 import torch
 import torch.distributed as dist
@@ -69,11 +76,16 @@ class LocalDispatcher:
         self.num_experts = num_experts
 
     def group(self, ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(order_A, counts_E): the permutation that groups the flattened copies by expert, and the counts."""
+        """(order_A, counts_E): the permutation that groups the flattened copies by expert, and the counts.
+
+        Counted by a binary search in the sorted ids rather than ``bincount``, which on CUDA reads the
+        largest id back to the host to size its output (a sync per layer per step).
+        """
         ids_A = ids_TK.reshape(-1)
-        order_A = torch.argsort(ids_A, stable=True)
-        counts_E = torch.bincount(ids_A, minlength=self.num_experts)
-        return order_A, counts_E
+        sorted_A, order_A = torch.sort(ids_A, stable=True)
+        experts_E = torch.arange(self.num_experts, device=ids_A.device, dtype=ids_A.dtype)
+        ends_E = torch.searchsorted(sorted_A, experts_E, right=True)
+        return order_A, torch.diff(ends_E, prepend=ends_E.new_zeros(1))
 
     def dispatch(self, x_TD: torch.Tensor, ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, _LocalContext]:
         top_k = ids_TK.shape[-1]
@@ -86,10 +98,15 @@ class LocalDispatcher:
 
 
 def scatter_weighted(y_AD: torch.Tensor, weights_TK: torch.Tensor, order_A: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Inverse of the grouping: out[t] = sum_k w[t, k] * y[copy (t, k)]."""
+    """Inverse of the grouping: out[t] = sum_k w[t, k] * y[copy (t, k)].
+
+    Sums in the promoted dtype of the expert outputs and the weights: under bf16 autocast the experts
+    return bf16 and the weights are fp32 (the residual stream's dtype), and the k copies of a token
+    are then summed in fp32, as ``transformers`` does into its fp32 hidden states.
+    """
     top_k = weights_TK.shape[-1]
     w_A = weights_TK.reshape(-1)[order_A].unsqueeze(-1)
-    out_TD = y_AD.new_zeros(num_tokens, y_AD.shape[-1])
+    out_TD = y_AD.new_zeros(num_tokens, y_AD.shape[-1], dtype=torch.promote_types(y_AD.dtype, w_A.dtype))
     return out_TD.index_add(0, order_A // top_k, y_AD * w_A)
 
 
@@ -151,9 +168,10 @@ class AllToAllDispatcher:
         dist.all_to_all_single(recv_counts, counts_E, group=self.group)
         send_PL = counts_E.view(self.ep_size, self.num_local)
         recv_PL = recv_counts.view(self.ep_size, self.num_local)  # [source rank, local expert]
-        send_splits, recv_splits = send_PL.sum(1).tolist(), recv_PL.sum(1).tolist()
+        # The one host sync of the layer: all_to_all_single takes its split sizes as Python ints.
+        send_splits, recv_splits = torch.stack([send_PL.sum(1), recv_PL.sum(1)]).tolist()
         x_recv = all_to_all(x_TD[order_A // top_k], recv_splits, send_splits, self.group)
-        regroup_G = _block_transpose(recv_PL)
+        regroup_G = _block_transpose(recv_PL, sum(recv_splits))
         ctx = _AllToAllContext(order_A, x_TD.shape[0], send_splits, recv_splits, regroup_G)
         return x_recv[regroup_G], recv_PL.sum(0), ctx
 
@@ -163,12 +181,149 @@ class AllToAllDispatcher:
         return scatter_weighted(y_AD, weights_TK, ctx.order_A, ctx.num_tokens)
 
 
-def _block_transpose(counts_PL: torch.Tensor) -> torch.Tensor:
-    """Row order that turns blocks laid out (p, l) with sizes ``counts_PL`` into (l, p) order."""
-    sizes = counts_PL.reshape(-1).tolist()
-    blocks = torch.split(torch.arange(sum(sizes), device=counts_PL.device), sizes)
-    p, l_ = counts_PL.shape
-    return torch.cat([blocks[i * l_ + j] for j in range(l_) for i in range(p)])
+def _block_transpose(counts_PL: torch.Tensor, total: int) -> torch.Tensor:
+    """Row order that turns blocks laid out (p, l) with sizes ``counts_PL`` into (l, p) order.
+
+    Computed on the counts' device (``total`` = their sum, already on the host) so that regrouping
+    adds no host sync: output row j lies in block (p, l) at rank r, and comes from row start_pl[p, l] + r.
+    """
+    p_, l_ = counts_PL.shape
+    sizes_pl = counts_PL.reshape(-1)
+    sizes_lp = counts_PL.t().reshape(-1)
+    start_pl = torch.cumsum(sizes_pl, 0) - sizes_pl  # block starts in the received (p, l) layout
+    start_lp = torch.cumsum(sizes_lp, 0) - sizes_lp  # block starts in the wanted (l, p) layout
+    blocks_lp = torch.arange(p_ * l_, device=counts_PL.device)
+    block_G = torch.repeat_interleave(blocks_lp, sizes_lp, output_size=total)  # l * P + p of each output row
+    rank_G = torch.arange(total, device=counts_PL.device) - start_lp[block_G]
+    return start_pl[(block_G % p_) * l_ + block_G // p_] + rank_G
+
+
+ExpertKernel = Literal["loop", "grouped", "auto"]
+EXPERT_KERNELS: tuple[str, ...] = get_args(ExpertKernel)
+
+
+def check_kernel(kernel: str) -> None:
+    """A clear error for a kernel name that is not one of :data:`EXPERT_KERNELS`."""
+    if kernel not in EXPERT_KERNELS:
+        raise ValueError(f"expert kernel must be one of {', '.join(EXPERT_KERNELS)}, got {kernel!r}")
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the expert matmuls run in: autocast's where it is on (it would cast ``mm``), else ``x``'s."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+@functools.cache
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def grouped_mm_unsupported(x_GD: torch.Tensor, ffn_dim: int) -> str | None:
+    """Why ``F.grouped_mm`` cannot run these experts (None when it can): its dtype and alignment rules.
+
+    torch 2.13 (CPU and CUDA) takes float32/bfloat16/float16 operands whose row strides are multiples
+    of 16 bytes, and int32 offsets.
+    """
+    dtype = compute_dtype(x_GD)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"torch's grouped GEMM takes float32, bfloat16 or float16, not {dtype}"
+    if (x_GD.shape[-1] * dtype.itemsize) % 16 or (ffn_dim * dtype.itemsize) % 16:
+        return (f"torch's grouped GEMM needs rows of a multiple of 16 bytes; hidden {x_GD.shape[-1]} and "
+                f"ffn {ffn_dim} in {dtype} are not")
+    return None
+
+
+def auto_kernel(device_type: str, dtype: torch.dtype, capability: tuple[int, int] | None) -> str:
+    """What ``kernel="auto"`` runs: the grouped GEMM on Hopper (sm90) in bf16, the loop everywhere else.
+
+    On sm90 torch's grouped GEMM is one CUTLASS kernel over device offsets, and the loop would read
+    the counts back to the host every layer. Blackwell (sm100+) takes a different (cuBLAS) path that
+    is reported to give experts with no tokens non-zero weight gradients (pytorch/pytorch#172439,
+    open; NaN reports in #193633 with torch 2.13): it stays on the loop until benchmarks/gpu_check.sh
+    passes there (its ``kernels_equal`` check tests exactly that); ``kernel="grouped"`` forces it.
+    Elsewhere torch's grouped GEMM loops over the groups itself (CPU, pre-sm90 CUDA), and on CPU our
+    loop measures as fast (benchmarks/bench_moe_layer.py), so the simpler kernel wins.
+    """
+    hopper = capability is not None and capability[0] == 9
+    return "grouped" if device_type == "cuda" and dtype == torch.bfloat16 and hopper else "loop"
+
+
+def resolve_kernel(kernel: str, x_GD: torch.Tensor, ffn_dim: int) -> str:
+    """``"loop"`` or ``"grouped"`` for these tokens; an explicit ``"grouped"`` that cannot run is an error."""
+    check_kernel(kernel)
+    why = grouped_mm_unsupported(x_GD, ffn_dim)
+    if kernel == "auto":
+        capability = None
+        if x_GD.is_cuda:
+            capability = _cuda_capability(x_GD.device.index if x_GD.device.index is not None
+                                          else torch.cuda.current_device())
+        return "loop" if why else auto_kernel(x_GD.device.type, compute_dtype(x_GD), capability)
+    if kernel == "grouped" and why:
+        raise ValueError(f"expert kernel 'grouped': {why}; use kernel='loop' or 'auto'")
+    return kernel
+
+
+def expert_ffn_loop(x_GD: torch.Tensor, w1_LFD: torch.Tensor, w2_LDF: torch.Tensor, w3_LFD: torch.Tensor,
+                    offsets_L: torch.Tensor) -> torch.Tensor:
+    """One matmul chain per expert (L iterations, not T). Reads the offsets on the host: one sync."""
+    counts = torch.diff(offsets_L, prepend=offsets_L.new_zeros(1)).tolist()
+    return _loop_over_counts(x_GD, w1_LFD, w2_LDF, w3_LFD, counts)
+
+
+def _loop_over_counts(x_GD: torch.Tensor, w1_LFD: torch.Tensor, w2_LDF: torch.Tensor, w3_LFD: torch.Tensor,
+                      counts: list[int]) -> torch.Tensor:
+    outputs = []
+    # unbind (one backward op for all experts) rather than w1[e] per expert, whose backward
+    # materializes a zero-filled full-size gradient for each expert.
+    experts = zip(w1_LFD.unbind(0), w2_LDF.unbind(0), w3_LFD.unbind(0), strict=True)
+    for x_nD, (w1_FD, w2_DF, w3_FD) in zip(torch.split(x_GD, counts), experts, strict=True):
+        # An expert with no tokens still runs on an empty [0, D] slice: it stays in the autograd
+        # graph and gets a zero gradient, so gradient reduction never meets a missing grad.
+        h_nF = F.silu(x_nD @ w1_FD.T) * (x_nD @ w3_FD.T)
+        outputs.append(h_nF @ w2_DF.T)
+    return torch.cat(outputs) if outputs else x_GD.new_zeros(0, x_GD.shape[-1])
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward gives the grouped GEMM's backward the dense strides it requires: it
+    rejects stride-0 gradients (``y.sum().backward()`` sends an expanded one), even with zero rows,
+    where torch counts any strides as contiguous."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        if grad.numel() == 0 or not grad.is_contiguous():
+            return grad.clone(memory_format=torch.contiguous_format)
+        return grad
+
+
+def expert_ffn_grouped(x_GD: torch.Tensor, w1_LFD: torch.Tensor, w2_LDF: torch.Tensor, w3_LFD: torch.Tensor,
+                       offsets_L: torch.Tensor) -> torch.Tensor:
+    """Three grouped GEMMs over int32 end offsets that stay on the device (no host sync).
+
+    Casts to the autocast dtype by hand: autocast's cast lists cover ``mm``, not ``grouped_mm``.
+    ``w.transpose(-2, -1)`` is a view ([L, D, F] column-major), the layout the CUDA kernel wants.
+    An expert with no rows gets a zero weight gradient, like the loop's empty slice. No rows at all
+    (a rank that received nothing under expert parallelism; the row count is known on the host) runs
+    the loop on empty slices: grouped GEMM backends disagree on a zero-length contraction
+    (pytorch/pytorch#192497), and the empty loop is exact and costs nothing.
+    """
+    if x_GD.shape[0] == 0:
+        return _loop_over_counts(x_GD, w1_LFD, w2_LDF, w3_LFD, [0] * w1_LFD.shape[0])
+    dtype = compute_dtype(x_GD)
+    x_GD = x_GD.to(dtype)
+    w1_LDF, w3_LDF, w2_LFD = (w.to(dtype).transpose(-2, -1) for w in (w1_LFD, w3_LFD, w2_LDF))
+    offs = offsets_L.to(torch.int32)
+    h_GF = F.silu(F.grouped_mm(x_GD, w1_LDF, offs=offs)) * F.grouped_mm(x_GD, w3_LDF, offs=offs)
+    return _ContiguousGrad.apply(F.grouped_mm(h_GF, w2_LFD, offs=offs))
+
+
+_KERNELS = {"loop": expert_ffn_loop, "grouped": expert_ffn_grouped}
 
 
 class GroupedExperts(nn.Module):
@@ -177,32 +332,38 @@ class GroupedExperts(nn.Module):
     ``w1``/``w3``: [L, F, D] (rows are FFN neurons, like ``gate_proj``/``up_proj``); ``w2``: [L, D, F]
     (like ``down_proj``). Checkpoints store them per expert under HF Mixtral names; the one mapping
     lives in :mod:`drop_upcycling.checkpoint`. ``expert_offset`` is the global id of local expert 0
-    (non-zero only under expert parallelism).
+    (non-zero only under expert parallelism). ``kernel``: ``"loop"``, ``"grouped"`` or ``"auto"``
+    (see :func:`resolve_kernel`); an attribute, so it can be switched on a built model
+    (:func:`set_expert_kernel`).
     """
 
-    def __init__(self, num_local: int, dim: int, ffn_dim: int, expert_offset: int = 0) -> None:
+    def __init__(self, num_local: int, dim: int, ffn_dim: int, expert_offset: int = 0,
+                 kernel: ExpertKernel = "auto") -> None:
         super().__init__()
+        check_kernel(kernel)
         self.num_local = num_local
         self.expert_offset = expert_offset
+        self.kernel: ExpertKernel = kernel
         self.w1 = nn.Parameter(torch.empty(num_local, ffn_dim, dim))
         self.w2 = nn.Parameter(torch.empty(num_local, dim, ffn_dim))
         self.w3 = nn.Parameter(torch.empty(num_local, ffn_dim, dim))
 
     def forward(self, x_GD: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
-        return self._expert_ffn(x_GD, counts_L.tolist())
+        # Offsets on the counts' device: the grouped kernel never brings them to the host.
+        return self._expert_ffn(x_GD, torch.cumsum(counts_L, 0))
 
-    def _expert_ffn(self, x_GD: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """The seam for a grouped-GEMM kernel: here one matmul chain per expert (E iterations, not T)."""
-        outputs = []
-        # unbind (one backward op for all experts) rather than w1[e] per expert, whose backward
-        # materializes a zero-filled full-size gradient for each expert.
-        experts = zip(self.w1.unbind(0), self.w2.unbind(0), self.w3.unbind(0), strict=True)
-        for x_nD, (w1_FD, w2_DF, w3_FD) in zip(torch.split(x_GD, counts), experts, strict=True):
-            # An expert with no tokens still runs on an empty [0, D] slice: it stays in the autograd
-            # graph and gets a zero gradient, so gradient reduction never meets a missing grad.
-            h_nF = F.silu(x_nD @ w1_FD.T) * (x_nD @ w3_FD.T)
-            outputs.append(h_nF @ w2_DF.T)
-        return torch.cat(outputs) if outputs else x_GD.new_zeros(0, x_GD.shape[-1])
+    def _expert_ffn(self, x_GD: torch.Tensor, offsets_L: torch.Tensor) -> torch.Tensor:
+        """The seam for the expert kernel: rows ``[offsets_L[l-1], offsets_L[l])`` of ``x_GD`` go to expert l."""
+        kernel = resolve_kernel(self.kernel, x_GD, self.w1.shape[1])
+        return _KERNELS[kernel](x_GD, self.w1, self.w2, self.w3, offsets_L)
+
+
+def set_expert_kernel(module: nn.Module, kernel: ExpertKernel) -> None:
+    """Switch every :class:`GroupedExperts` under ``module`` to ``kernel`` (benchmarks, checks)."""
+    check_kernel(kernel)
+    for m in module.modules():
+        if isinstance(m, GroupedExperts):
+            m.kernel = kernel
 
 
 class SparseMoeBlock(nn.Module):
@@ -217,12 +378,13 @@ class SparseMoeBlock(nn.Module):
         num_local: int | None = None,
         expert_offset: int = 0,
         dispatcher: Dispatcher | None = None,
+        kernel: ExpertKernel = "auto",
     ) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
         self.gate = nn.Linear(dim, num_experts, bias=False)
-        self.experts = GroupedExperts(num_local or num_experts, dim, ffn_dim, expert_offset)
+        self.experts = GroupedExperts(num_local or num_experts, dim, ffn_dim, expert_offset, kernel)
         self.dispatcher: Dispatcher = dispatcher or LocalDispatcher(num_experts)
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, Routing]:
@@ -257,7 +419,8 @@ def load_balancing_loss(
     for logits_TE in logits_per_layer:
         probs_TE = F.softmax(logits_TE, dim=-1, dtype=torch.float32)
         _, ids_TK = torch.topk(probs_TE, top_k, dim=-1)
-        mask_TKE = F.one_hot(ids_TK, num_experts).float()
+        # one_hot's range checks read the ids back to the host (on CPU; a sync where a build checks them).
+        mask_TKE = (ids_TK.unsqueeze(-1) == torch.arange(num_experts, device=ids_TK.device)).float()
         fractions.append(mask_TKE.mean(dim=0))  # [K, E]
         probs.append(probs_TE.mean(dim=0))  # [E]
     f_LKE = torch.stack(fractions)

@@ -11,7 +11,7 @@ domain) with any tokenizer (a folder or a hub id), on datatrove's local or Slurm
 and resumable (finished tasks are skipped), and writes ``manifest.json`` last (:func:`shards_manifest`):
 what the trainer checks the shards against the model and its init checkpoint by.
 
-The shared corpus is the four domain samples the Drop-Upcycling authors published for their routing
+The built-in corpus is the four domain samples the Drop-Upcycling authors published for their routing
 analysis. Its files are not uniformly "one document per line": C4 and Japanese mC4 are, but the
 English Wikipedia and The Stack samples are runs of lines with blank lines between sections. So a
 document is a line for the first two and a blank-line-separated block for the other two
@@ -80,7 +80,7 @@ DOWNLOAD_RETRY_WAIT_S = 2.0
 
 # ---------------------------------------------------------------------------- corpus resolution
 def corpus_file(corpus_dir: Path, domain: str) -> Path | None:
-    """The domain's file in ``corpus_dir``: ``<domain>.txt`` (shared folder) or ``<domain>_texts.txt`` (upstream)."""
+    """The domain's file in ``corpus_dir``: ``<domain>.txt`` (a local copy) or ``<domain>_texts.txt`` (upstream)."""
     for name in (f"{domain}.txt", f"{domain}_texts.txt"):
         if (corpus_dir / name).is_file():
             return corpus_dir / name
@@ -436,7 +436,7 @@ def jsonl_files(split_dir: Path, domain: str) -> list[Path]:
 
 
 def split_domains(split_dir: Path) -> list[str]:
-    """Domains present in a split folder, in a fixed order (the shared corpus order first)."""
+    """Domains present in a split folder, in a fixed order (the built-in corpus order first)."""
     names = {p.name.split(".jsonl")[0] if p.is_file() else p.name for p in split_dir.iterdir()
              if (p.is_file() and ".jsonl" in p.name) or p.is_dir()}
     return [d for d in DOMAINS if d in names] + sorted(names - set(DOMAINS))

@@ -318,3 +318,58 @@ def test_resume_with_another_number_of_data_ranks_is_refused(reference_run: Path
     shutil.copytree(reference_run, out)
     with pytest.raises(UserError, match="written by 2 data ranks; resuming with 1"):
         train_run(_args(str(tiny_recipe), "--out", str(out), "--resume"))
+
+
+def test_heldout_rows_match_transformers_under_expert_parallelism(tiny_recipe: Path, tmp_path: Path) -> None:
+    """EP=2 on 2 ranks, held-out every 2 steps: rows at steps 0, 2, 4; step 0's per-domain loss equals
+    transformers' loss on the first test windows of each domain; its routing counts cover every token
+    top-k times; its expert similarity (experts gathered from both ranks) equals a float64 recomputation."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from drop_upcycling.data import iter_domain_sequences, prepare_all
+    from drop_upcycling.moe import GroupedExperts
+
+    run = TrainConfig.from_yaml(tiny_recipe)
+    cfg = run.model_config()
+    ckpt = save_model(random_model(cfg, 7), tmp_path / "init")
+    config = _corpus_config(tmp_path / "run.yaml", tiny_recipe, steps=4, heldout_every_tokens=2 * 1024,
+                            heldout_sequences=5)
+    out = tmp_path / "out"
+    _finish(_torchrun(config, "--ep", "2", "--out", str(out), "--init", str(ckpt)))
+    rows = [json.loads(line) for line in (out / "heldout.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 2, 4]
+    first = rows[0]
+    n = first["sequences_per_domain"]  # 5 requested; at most what the shortest test split holds, even (2 ranks)
+    assert 2 <= n <= 5 and n % 2 == 0
+
+    d = run.data
+    prepared = prepare_all(d["corpus"], d["cache_dir"], d["vocab_size"], max_docs_per_domain=d["max_docs_per_domain"],
+                           pinned=False)
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    for domain in d["weights"]:
+        ids = torch.stack(list(iter_domain_sequences(prepared, "test", domain, run.seq_len)))[:n]
+        with torch.no_grad():
+            expected = hf(ids, labels=ids).loss.item()  # HF: mean over all predicted tokens of the batch
+        assert first["loss"][domain] == pytest.approx(expected, rel=1e-5), domain
+        counts = np.array(first["routing"][domain])
+        assert counts.shape == (cfg.num_hidden_layers, cfg.num_experts)
+        assert (counts.sum(axis=1) == n * run.seq_len * cfg.num_experts_per_tok).all()
+    assert first["mean"] == pytest.approx(np.mean(list(first["loss"].values())))
+
+    experts = [m for m in load_model(ckpt).modules() if isinstance(m, GroupedExperts)]
+    for layer, module in enumerate(experts):
+        flat = np.concatenate([w.detach().double().numpy().reshape(cfg.num_experts, -1)
+                               for w in (module.w1, module.w2, module.w3)], axis=1)
+        unit = flat / np.linalg.norm(flat, axis=1, keepdims=True)
+        sim = unit @ unit.T
+        expected = sim[~np.eye(cfg.num_experts, dtype=bool)].mean()
+        assert first["expert_cosine"][layer] == pytest.approx(expected, abs=1e-6)
+    assert rows[-1]["mean"] < first["mean"]  # 4 steps at lr 3e-3 from a random model
+
+
+def test_heldout_is_due_when_a_step_crosses_a_multiple() -> None:
+    from drop_upcycling.heldout import due
+
+    assert [due(t - 1000, t, 2500) for t in (1000, 2000, 3000, 4000, 5000)] == [False, False, True, False, True]
+    assert not due(0, 10**9, 0)  # 0 = never

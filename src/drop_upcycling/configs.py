@@ -524,6 +524,10 @@ class TrainConfig:
     nodes: int = 1  # for the dry-run plan and the run_*.sh scripts
     gpus_per_node: int = 8
     method: str | None = None  # informational: FS, NU, RNU-0.5, DU-0.5, DU-1.0, BTX, dense
+    # Held-out evaluation (drop_upcycling.heldout): every this many tokens (0 = never), on the first
+    # heldout_sequences windows of seq_len tokens of each domain's test split -> OUT/heldout.jsonl.
+    heldout_every_tokens: int = 0
+    heldout_sequences: int = 32
 
     @property
     def total_steps(self) -> int:
@@ -623,6 +627,7 @@ TRAIN_SPECS: dict[str, Spec] = {
     "grad_clip": NON_NEGATIVE, "ep": POSITIVE_INT, "dtype": TEXT, "out": TEXT, "save_every": COUNT,
     "keep_last": POSITIVE_INT, "save_dtype": TEXT, "tensorboard": BOOL, "nodes": POSITIVE_INT,
     "gpus_per_node": POSITIVE_INT, "method": _optional(TEXT), "adamw_impl": TEXT,
+    "heldout_every_tokens": COUNT, "heldout_sequences": POSITIVE_INT,
 }
 # ``data:`` reads either token shards built by ``drop-upcycling data tokenize`` (``shards``, checked
 # against their manifest) or the built-in corpus, prepared on first use (CORPUS_DATA_FIELDS); both take

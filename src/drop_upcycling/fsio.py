@@ -388,3 +388,12 @@ def load_json(path: str | Path) -> Any:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON: {e}") from None
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Drop the rows of a per-step JSON-lines log written after ``step`` (a run resuming from the
+    checkpoint of ``step``: a killed run may have logged further)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    write_text(path, "".join(line + "\n" for line in keep))

@@ -134,6 +134,14 @@ class ReproLayout:
         return self.routing_dir(label) / ROUTING_COUNTS
 
     @property
+    def ablation(self) -> Path:
+        """The r x index-mode ablation of the study scale: ``ablation/runs/<label>``, ``ablation/upcycled/<label>``."""
+        return self.root / "ablation"
+
+    def ablation_run(self, label: str) -> Path:
+        return self.ablation / RUNS / label
+
+    @property
     def manifest(self) -> Path:
         return self.root / MANIFEST
 
@@ -157,6 +165,10 @@ class ReproLayout:
     @property
     def analysis(self) -> Path:
         return self.root / "analysis"
+
+    @property
+    def analysis_study(self) -> Path:
+        return self.analysis / "study"
 
     def stamp(self, stage: str) -> Path:
         return self.root / "stages" / f"{stage}.json"

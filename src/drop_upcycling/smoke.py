@@ -40,6 +40,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,20 @@ class Scale:
     # (benchmarks/bench_train.py); equal to the per-tensor loop to fp32 rounding, not bitwise, so runs
     # made before it (reports/cpu_reproduction, trained with "loop") are not reproduced bit for bit.
     adamw_impl: str = "fused"
-    weights: dict[str, float] = field(default_factory=lambda: dict.fromkeys(DOMAINS, 0.25))
+    # The domain mix; None = the domains' sizes (every token of the corpus equally often).
+    weights: dict[str, float] | None = field(default_factory=lambda: dict.fromkeys(DOMAINS, 0.25))
+    # Processes per compared run (MoEs with EP = procs, the dense reference data-parallel) and how many
+    # training stages run at once; threads per process = cores / (procs * jobs).
+    procs: int = 2
+    jobs: int = 1
+    pretrain_warmup: float = 0.05  # warmup steps as a fraction of the steps (every phase re-warms)
+    moe_warmup: float = 0.05
+    single_seed: tuple[str, ...] = ()  # methods (and "dense") that run with the first seed only
+    heldout_every_tokens: int = 0  # held-out evaluation during training (drop_upcycling.heldout)
+    heldout_sequences: int = 32
+    ablation: tuple[tuple[float, str], ...] = ()  # (r, index mode) Drop-Upcycling arms from the seed, seed 0
+    ablation_steps: int = 0
+    train_first: tuple[str, ...] = ()  # methods whose runs are trained before the others'
 
 
 SCALES: dict[str, Scale] = {
@@ -110,6 +124,25 @@ SCALES: dict[str, Scale] = {
         branch_steps=120, eval_size="default", eval_limit=30, routing_tokens=16384,
         dense_step_s=0.22, moe_step_s=0.42, methods=("FS", "NU", "RNU-0.5", "DU-0.5", "DU-1.0", "BTX"),
     ),
+    # The CPU study (reports/cpu_reproduction; the plan is in its README, written before the run): a
+    # dense seed trained to ~51 tokens per parameter, every MoE for half the seed's tokens with the same
+    # re-warmed schedule, held-out loss per domain every 128 steps, 3 paired seeds of NU and DU-0.5,
+    # and the r x index-mode ablation at a quarter of the MoE budget. Independent runs go one per core
+    # (one process, one thread each; EP=2 is covered by the tests and the ci/full scales).
+    # Measured on 2 cores: see reports/cpu_reproduction (stage times in smoke.json).
+    "study": Scale(
+        model={"base": "tiny-dense", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 256,
+               "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
+               "max_position_embeddings": 128},
+        vocab_size=512, seq_len=128, global_batch_tokens=4096, micro_batch_size=32,
+        pretrain_steps=4100, pretrain_lr=3e-3, moe_steps=2050, moe_lr=2e-3, seeds=(0, 1, 2),
+        eval_size="default", eval_limit=30, routing_tokens=16384, dense_step_s=0.14, moe_step_s=0.30,
+        methods=("FS", "NU", "RNU-0.5", "DU-0.5"), weights=None, procs=1, jobs=2,
+        pretrain_warmup=0.01, moe_warmup=0.01, single_seed=("FS", "RNU-0.5", "dense"),
+        heldout_every_tokens=128 * 4096, heldout_sequences=64,
+        ablation=tuple((r, mode) for mode in ("per-matrix", "shared") for r in (0.0, 0.125, 0.25, 0.5, 0.75, 1.0)),
+        ablation_steps=513, train_first=("NU", "DU-0.5"),
+    ),
 }
 
 
@@ -125,14 +158,15 @@ class Stage:
     deps: list[str] = field(default_factory=list)
     estimate_s: float = 5.0
     resumable: bool = False  # keep partial outputs of an interrupted run with the same hash
+    parallel: bool = False  # may run beside other parallel stages (Pipeline.jobs at a time)
     hash: str = ""
 
 
 class Pipeline:
     """Runs stages in order, skipping finished ones, printing progress with elapsed time and an estimate."""
 
-    def __init__(self, out: Path, force: bool) -> None:
-        self.out, self.force = out, force
+    def __init__(self, out: Path, force: bool, jobs: int = 1) -> None:
+        self.out, self.force, self.jobs = out, force, jobs
         self.stages: list[Stage] = []
         self.by_name: dict[str, Stage] = {}
         self.times: dict[str, dict[str, Any]] = {}
@@ -171,35 +205,62 @@ class Pipeline:
         _write_json(stamp, {"name": stage.name, "hash": stage.hash, "status": "started", "spec": stage.spec})
 
     def run(self) -> dict[str, dict[str, Any]]:
-        t_start = time.perf_counter()
-        total = len(self.stages)
-        done_est = done_actual = 0.0
-        for i, stage in enumerate(self.stages, 1):
-            remaining_est = sum(s.estimate_s for s in self.stages[i - 1:])
-            # Measured vs predicted seconds of the stages run so far, once they add up to something.
-            rate = min(4.0, max(0.25, done_actual / done_est)) if done_actual >= 30 else 1.0
-            elapsed = time.perf_counter() - t_start
-            if self._done(stage):
-                record = json.loads(self._stamp(stage).read_text())
-                self.times[stage.name] = {"seconds": record.get("seconds"), "skipped": True}
-                _say(f"[{i}/{total}] {stage.name}: up to date (hash {stage.hash}), skipped")
-                continue
-            _say(f"[{i}/{total}] {stage.name} ... (elapsed {_fmt(elapsed)}, about {_fmt(remaining_est * rate)} left)")
-            self._prepare(stage)
-            t0 = time.perf_counter()
-            stage.action()
-            seconds = time.perf_counter() - t0
-            missing = [str(p) for p in stage.outputs if not p.exists()]
-            if missing:
-                raise UserError(f"stage {stage.name} finished without writing {', '.join(missing)}")
-            _write_json(self._stamp(stage), {"name": stage.name, "hash": stage.hash, "status": "done",
-                                            "seconds": round(seconds, 2), "spec": stage.spec})
-            self.times[stage.name] = {"seconds": round(seconds, 2), "skipped": False}
-            done_est += stage.estimate_s
-            done_actual += seconds
-            _say(f"[{i}/{total}] {stage.name}: done in {_fmt(seconds)}")
-        _say(f"all {total} stages done in {_fmt(time.perf_counter() - t_start)}; outputs under {self.out}")
+        """Run the stages in order; consecutive ``parallel`` stages run ``jobs`` at a time (threads that
+        wait on subprocesses), each once its dependencies have finished. A failure stops the pipeline
+        after the stages already running have finished."""
+        self.t_start = time.perf_counter()
+        self.done_est = self.done_actual = 0.0
+        running: dict[str, Future] = {}
+        with ThreadPoolExecutor(max_workers=max(1, self.jobs)) as pool:
+            try:
+                for i, stage in enumerate(self.stages, 1):
+                    if stage.parallel and self.jobs > 1:
+                        for dep in stage.deps:  # a dependency still running: wait for it
+                            if dep in running:
+                                running.pop(dep).result()
+                        while len(running) >= self.jobs:
+                            finished, _ = wait(running.values(), return_when=FIRST_COMPLETED)
+                            for name in [n for n, f in running.items() if f in finished]:
+                                running.pop(name).result()
+                        running[stage.name] = pool.submit(self._execute, i, stage)
+                    else:
+                        for name in list(running):
+                            running.pop(name).result()
+                        self._execute(i, stage)
+            finally:
+                for future in running.values():
+                    future.exception()  # wait for every started stage, whatever happened
+            for future in running.values():
+                future.result()
+        _say(f"all {len(self.stages)} stages done in {_fmt(time.perf_counter() - self.t_start)}; outputs under {self.out}")
         return self.times
+
+    def _execute(self, i: int, stage: Stage) -> None:
+        """Run one stage unless it is up to date; stamp it done."""
+        total = len(self.stages)
+        if self._done(stage):
+            record = json.loads(self._stamp(stage).read_text())
+            self.times[stage.name] = {"seconds": record.get("seconds"), "skipped": True}
+            _say(f"[{i}/{total}] {stage.name}: up to date (hash {stage.hash}), skipped")
+            return
+        # Measured vs predicted seconds of the stages run so far, once they add up to something.
+        rate = min(4.0, max(0.25, self.done_actual / self.done_est)) if self.done_actual >= 30 else 1.0
+        remaining_est = sum(s.estimate_s / (self.jobs if s.parallel else 1) for s in self.stages[i - 1:])
+        elapsed = time.perf_counter() - self.t_start
+        _say(f"[{i}/{total}] {stage.name} ... (elapsed {_fmt(elapsed)}, about {_fmt(remaining_est * rate)} left)")
+        self._prepare(stage)
+        t0 = time.perf_counter()
+        stage.action()
+        seconds = time.perf_counter() - t0
+        missing = [str(p) for p in stage.outputs if not p.exists()]
+        if missing:
+            raise UserError(f"stage {stage.name} finished without writing {', '.join(missing)}")
+        _write_json(self._stamp(stage), {"name": stage.name, "hash": stage.hash, "status": "done",
+                                        "seconds": round(seconds, 2), "spec": stage.spec})
+        self.times[stage.name] = {"seconds": round(seconds, 2), "skipped": False}
+        self.done_est += stage.estimate_s
+        self.done_actual += seconds
+        _say(f"[{i}/{total}] {stage.name}: done in {_fmt(seconds)}")
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -231,6 +292,15 @@ def _sh(cmd: list[str], env: dict[str, str] | None = None, log_file: Path | None
         raise UserError(f"command failed with exit code {proc.returncode}: {' '.join(map(str, cmd))}{tail}")
 
 
+def _warmup(steps: int, fraction: float) -> int:
+    return max(1, int(steps * fraction))
+
+
+def ablation_label(ratio: float, index_mode: str, seed: int) -> str:
+    """``du0.125-shared-s0``: one run of the r x index-mode ablation."""
+    return run_label(f"du{ratio:g}-{index_mode}", seed)
+
+
 def _cli() -> list[str]:
     return [sys.executable, "-m", "drop_upcycling.cli"]
 
@@ -254,17 +324,19 @@ class Smoke:
     """Builds the pipeline for a scale and output dir; :meth:`run` executes it."""
 
     def __init__(self, scale_name: str, out: Path, force: bool = False, corpus: str | None = None,
-                 report_dir: Path | None = None) -> None:
+                 report_dir: Path | None = None, ablation_report_dir: Path | None = None) -> None:
         if scale_name not in SCALES:
             raise UserError(f"unknown scale {scale_name!r} (choose {', '.join(SCALES)})")
         self.scale_name, self.scale = scale_name, SCALES[scale_name]
         self.out, self.corpus = out, corpus
         self.layout = ReproLayout(out)
-        self.pipe = Pipeline(out, force)
+        self.pipe = Pipeline(out, force, jobs=self.scale.jobs)
         self.runs: list[RunSpec] = []
+        self.ablation_runs: list[RunSpec] = []
         self.finals: dict[str, Path] = {}
         self.prepared_file = self.layout.prepared_file
         self.report_dir = report_dir or self.layout.report
+        self.ablation_report_dir = ablation_report_dir or self.layout.ablation / "report"
 
     # -- paths
     def final_checkpoint(self, run_dir: Path, steps: int) -> Path:
@@ -287,16 +359,20 @@ class Smoke:
 
     # -- configs
     def train_config(self, *, method: str, seed: int, init: Path | None, steps: int, lr: float,
-                     weights: dict[str, float], out: Path, warmup: int) -> dict[str, Any]:
+                     weights: dict[str, float] | None, out: Path, warmup: int) -> dict[str, Any]:
         s = self.scale
+        data: dict[str, Any] = {"corpus": self.corpus, "vocab_size": s.vocab_size}
+        if weights is not None:
+            data["weights"] = dict(weights)
+        heldout = ({"heldout_every_tokens": s.heldout_every_tokens, "heldout_sequences": s.heldout_sequences}
+                   if s.heldout_every_tokens else {})
         return {
             "method": method, "model": None if init is not None else dict(s.model),
-            "init": str(init) if init is not None else None, "seed": seed,
-            "data": {"corpus": self.corpus, "vocab_size": s.vocab_size, "weights": dict(weights)},
+            "init": str(init) if init is not None else None, "seed": seed, "data": data,
             "seq_len": s.seq_len, "global_batch_tokens": s.global_batch_tokens,
             "micro_batch_size": s.micro_batch_size, "steps": steps, "lr": lr, "min_lr": lr / 10,
             "warmup_steps": warmup, "dtype": "fp32", "out": str(out), "save_every": max(10, steps // 4),
-            "keep_last": 1, "nodes": 1, "gpus_per_node": 2, "ep": 1, "adamw_impl": s.adamw_impl,
+            "keep_last": 1, "nodes": 1, "gpus_per_node": s.procs, "ep": 1, "adamw_impl": s.adamw_impl, **heldout,
         }
 
     def write_config(self, name: str, config: dict[str, Any]) -> Path:
@@ -321,8 +397,10 @@ class Smoke:
         branches = self._add_branches()
         for seed in self.scale.seeds:
             self._add_upcycling(seed, branches)
+        self._add_ablation_upcycling()
         self._add_first_batch()
         self._add_training()
+        self._add_ablation_training()
         self._add_evaluation()
         self._add_routing()
         self._add_analysis_and_report()
@@ -336,7 +414,7 @@ class Smoke:
         self.pipe.add(Stage("data", {"vocab_size": s.vocab_size, "corpus": self.corpus}, [self.prepared_file],
                             self._prepare_data, estimate_s=25))
         pre = self.train_config(method=DENSE, seed=0, init=None, steps=s.pretrain_steps, lr=s.pretrain_lr,
-                                weights=s.weights, out=self.pretrain_dir, warmup=max(1, s.pretrain_steps // 20))
+                                weights=s.weights, out=self.pretrain_dir, warmup=_warmup(s.pretrain_steps, s.pretrain_warmup))
         self.pipe.add(Stage("pretrain", pre, [self.pretrain_dir], lambda: self._train("pretrain", pre, nproc=1),
                             deps=["data"], estimate_s=10 + s.pretrain_steps * s.dense_step_s, resumable=True))
 
@@ -349,7 +427,7 @@ class Smoke:
         for dom, weights in BTX_BRANCHES.items():
             out = self.layout.branch(dom)
             cfg = self.train_config(method=f"{DENSE}-{dom}", seed=0, init=self.dense_ckpt, steps=s.branch_steps,
-                                    lr=s.moe_lr, weights=weights, out=out, warmup=max(1, s.branch_steps // 20))
+                                    lr=s.moe_lr, weights=weights, out=out, warmup=_warmup(s.branch_steps, s.moe_warmup))
             name = f"branch-{dom}"
             self.pipe.add(Stage(name, cfg, [out], lambda n=name, c=cfg: self._train(n, c, nproc=1), deps=["pretrain"],
                                 estimate_s=10 + s.branch_steps * s.dense_step_s, resumable=True))
@@ -360,6 +438,8 @@ class Smoke:
         """One ``drop-upcycling upcycle`` per MoE method for ``seed``, then the seed's dense reference run."""
         s = self.scale
         for m in self._methods():
+            if m.key in s.single_seed and seed != s.seeds[0]:
+                continue
             label = run_label(m.slug, seed)
             init = self.layout.upcycled(label)
             args = [*m.upcycle_args, "--num-experts", str(s.num_experts), "--top-k", str(s.top_k), "--seed", str(seed)]
@@ -372,7 +452,22 @@ class Smoke:
             self.pipe.add(Stage(f"upcycle-{label}", {"args": args}, [init], lambda c=cmd: _sh(c), deps=deps,
                                 estimate_s=4))
             self.runs.append(RunSpec(label, m.key, seed, init))
-        self.runs.append(RunSpec(run_label(BY_KEY[DENSE].slug, seed), DENSE, seed, self.dense_ckpt))
+        if DENSE not in s.single_seed or seed == s.seeds[0]:
+            self.runs.append(RunSpec(run_label(BY_KEY[DENSE].slug, seed), DENSE, seed, self.dense_ckpt))
+
+    def _add_ablation_upcycling(self) -> None:
+        """Drop-Upcycling at each (r, index mode) of the scale's ablation, from the seed, with seed 0."""
+        s = self.scale
+        seed = s.seeds[0]
+        for ratio, mode in s.ablation:
+            label = ablation_label(ratio, mode, seed)
+            init = self.layout.ablation / "upcycled" / label
+            args = ["--method", "drop", "--ratio", str(ratio), "--index-mode", mode, "--num-experts",
+                    str(s.num_experts), "--top-k", str(s.top_k), "--seed", str(seed)]
+            cmd = [*_cli(), "upcycle", self.dense_ckpt, init, *args]
+            self.pipe.add(Stage(f"upcycle-ablation-{label}", {"args": args}, [init], lambda c=cmd: _sh(c),
+                                deps=["pretrain"], estimate_s=4))
+            self.ablation_runs.append(RunSpec(label, f"DU-{ratio:g}", seed, init))
 
     def _add_first_batch(self) -> None:
         self.pipe.add(Stage("first-batch", {"runs": [asdict(r) for r in self.runs]}, [self.layout.first_batch],
@@ -382,18 +477,34 @@ class Smoke:
     def _add_training(self) -> None:
         """Every run for the same budget: the MoEs with EP=2, the dense reference data-parallel (dp=2)."""
         s = self.scale
-        for r in self.runs:
+        # The runs the scale is about first (the study's paired seeds), then the others, seed by seed.
+        for r in sorted(self.runs, key=lambda r: (r.method not in s.train_first, r.seed)):
             out = self.layout.run(r.label)
             cfg = self.train_config(method=r.method, seed=r.seed, init=r.init, steps=s.moe_steps, lr=s.moe_lr,
-                                    weights=s.weights, out=out, warmup=max(1, s.moe_steps // 20))
+                                    weights=s.weights, out=out, warmup=_warmup(s.moe_steps, s.moe_warmup))
             dense = r.method == DENSE
             if not dense:
-                cfg["ep"] = 2
-            self.pipe.add(Stage(f"train-{r.label}", cfg, [out], lambda n=r.label, c=cfg: self._train(n, c, nproc=2),
+                cfg["ep"] = s.procs
+            self.pipe.add(Stage(f"train-{r.label}", cfg, [out], lambda n=r.label, c=cfg: self._train(n, c, nproc=s.procs),
                                 deps=["pretrain" if dense else f"upcycle-{r.label}"],
                                 estimate_s=15 + s.moe_steps * (s.dense_step_s if dense else s.moe_step_s),
-                                resumable=True))
+                                resumable=True, parallel=True))
             self.finals[r.label] = self.final_checkpoint(out, s.moe_steps)
+
+    def _add_ablation_training(self) -> None:
+        """The ablation's runs: the MoE schedule over ``ablation_steps`` (a shorter budget), held-out loss
+        four times as often as the main runs."""
+        s = self.scale
+        for r in self.ablation_runs:
+            out = self.layout.ablation_run(r.label)
+            cfg = self.train_config(method=r.method, seed=r.seed, init=r.init, steps=s.ablation_steps, lr=s.moe_lr,
+                                    weights=s.weights, out=out, warmup=_warmup(s.ablation_steps, s.moe_warmup))
+            cfg["ep"] = s.procs
+            cfg["heldout_every_tokens"] = max(s.global_batch_tokens, s.heldout_every_tokens // 4)
+            self.pipe.add(Stage(f"train-ablation-{r.label}", cfg, [out],
+                                lambda n=r.label, c=cfg: self._train(f"ablation-{n}", c, nproc=s.procs),
+                                deps=[f"upcycle-ablation-{r.label}"], estimate_s=15 + s.ablation_steps * s.moe_step_s,
+                                resumable=True, parallel=True))
 
     def _add_evaluation(self) -> None:
         s = self.scale
@@ -417,8 +528,16 @@ class Smoke:
         routing_deps = [f"routing-{r.label}" for r in self.moe_runs]
         self.pipe.add(Stage("analyze", {"v": 2}, [self.layout.analysis], self._analyze,
                             deps=[*routing_deps, "evaluate"], estimate_s=20))
+        report_deps = ["analyze"]
+        if self.scale.heldout_every_tokens:
+            study = self.layout.analysis_study
+            self.pipe.add(Stage("analyze-study", {"v": 1, "ablation": str(self.ablation_report_dir)},
+                                [study / "study.json"], self._analyze_study,
+                                deps=["analyze", *(f"train-ablation-{r.label}" for r in self.ablation_runs)],
+                                estimate_s=20))
+            report_deps.append("analyze-study")
         self.pipe.add(Stage("report", {"v": 1, "out": str(self.report_dir)}, [self.report_dir / "README.md"],
-                            self._report, deps=["analyze"], estimate_s=15))
+                            self._report, deps=report_deps, estimate_s=15))
 
     # -- actions
     def _prepare_data(self) -> None:
@@ -430,7 +549,7 @@ class Smoke:
 
     def _train(self, name: str, config: dict[str, Any], nproc: int) -> None:
         path = self.write_config(name, config)
-        env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc))}
+        env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // (nproc * self.scale.jobs)))}
         out = Path(config["out"])
         # Only an interrupted run (same hash, see Pipeline._prepare) is resumed: a fresh one writes run.json.
         # One killed before its first checkpoint has nothing to resume from: it starts over (--restart).
@@ -452,13 +571,14 @@ class Smoke:
         per_seed = {}
         for seed in s.seeds:
             inits = {r.label: r.init for r in self.runs if r.seed == seed and r.method != "dense"}
-            losses = first_batch_losses({"dense-final": self.dense_ckpt, **inits}, self.prepared_root(), s, seed)
+            losses = first_batch_losses({"dense-final": self.dense_ckpt, **inits}, self.prepared_root(), s, seed,
+                                        world_size=s.procs)
             per_seed[str(seed)] = losses
         _write_json(self.layout.first_batch, {
             "what": "LM loss (mean token cross-entropy) of each checkpoint on the first global batch that the "
                     "MoE and dense-reference runs of that seed train on (EP=2, 2 data ranks), computed by an "
                     "evaluation pass before training; 'dense-final' is the pre-trained dense model.",
-            "global_batch_tokens": s.global_batch_tokens, "world_size": 2, "losses": per_seed})
+            "global_batch_tokens": s.global_batch_tokens, "world_size": s.procs, "losses": per_seed})
 
     def _evaluate(self) -> None:
         s = self.scale
@@ -482,6 +602,14 @@ class Smoke:
              str(self.scale.seq_len), "--causal", "--format", "table", "--out", out / "flops"])
         _write_json(out / "manifest.json", self.manifest())
 
+    def _analyze_study(self) -> None:
+        """Held-out curves, the DU - NU crossover, experts' similarity and specialization over training,
+        and the ablation (``drop-upcycling analyze study``)."""
+        cmd = [*_cli(), "analyze", "study", self.out, "--out", self.layout.analysis_study]
+        if self.ablation_runs:
+            cmd += ["--ablation-out", self.ablation_report_dir]
+        _sh(cmd)
+
     def _report(self) -> None:
         _write_json(self.layout.manifest, self.record(final=False))
         _sh([*_cli(), "report", self.out, "--out", self.report_dir])
@@ -490,7 +618,9 @@ class Smoke:
         return {"scale": self.scale_name, "scale_config": asdict(self.scale),
                 "pretrain": {"dir": self._rel(self.pretrain_dir), "checkpoint": self._rel(self.dense_ckpt)},
                 "runs": [{"label": r.label, "method": r.method, "seed": r.seed, "dir": self._rel(self.layout.run(r.label)),
-                          "checkpoint": self._rel(self.finals[r.label])} for r in self.runs]}
+                          "checkpoint": self._rel(self.finals[r.label])} for r in self.runs],
+                "ablation": [{"label": r.label, "method": r.method, "seed": r.seed,
+                              "dir": self._rel(self.layout.ablation_run(r.label))} for r in self.ablation_runs]}
 
     def _rel(self, path: Path) -> str:
         return path.relative_to(self.out).as_posix()
@@ -520,20 +650,21 @@ def first_global_batch(prepared_root: Path, scale: Scale, seed: int, world_size:
     from .data import PreparedData, TokenSequenceReader
 
     prepared = PreparedData.load(prepared_root)
-    files = prepared.files_by_domain("train", list(scale.weights))
+    files = prepared.files_by_domain("train", list(scale.weights) if scale.weights else None)
     per_rank = scale.global_batch_tokens // scale.seq_len // world_size
     batches = [TokenSequenceReader(files, scale.seq_len, weights=scale.weights, seed=seed, rank=r,
                                    world_size=world_size).next_batch(per_rank) for r in range(world_size)]
     return torch.cat(batches)
 
 
-def first_batch_losses(ckpts: dict[str, Path], prepared_root: Path, scale: Scale, seed: int) -> dict[str, float]:
+def first_batch_losses(ckpts: dict[str, Path], prepared_root: Path, scale: Scale, seed: int,
+                       world_size: int = 2) -> dict[str, float]:
     """LM loss of each checkpoint on the first global batch of the seed's runs (fp32, no grad)."""
     import torch
 
     from .checkpoint import load_model
 
-    ids = first_global_batch(prepared_root, scale, seed)
+    ids = first_global_batch(prepared_root, scale, seed, world_size)
     out = {}
     with torch.no_grad():
         for label, path in ckpts.items():
@@ -545,18 +676,22 @@ def first_batch_losses(ckpts: dict[str, Path], prepared_root: Path, scale: Scale
 # ============================================================================ CLI
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="recipes/run_smoke.sh", description=__doc__.splitlines()[0])
-    parser.add_argument("--scale", default="full", choices=tuple(SCALES), help="ci: minutes (CI); full: < 1 h")
+    parser.add_argument("--scale", default="full", choices=tuple(SCALES),
+                        help="ci: minutes (CI); full: < 1 h; study: the CPU study, < 2 h (reports/cpu_reproduction)")
     parser.add_argument("--out", type=Path, default=Path("reports/smoke"), help="output dir (default reports/smoke)")
     parser.add_argument("--force", action="store_true", help="redo every stage, even up-to-date ones")
     parser.add_argument("--corpus", default=None, help="corpus dir (default $DROP_UPCYCLING_CORPUS / cache)")
     parser.add_argument("--report", type=Path, default=None, help="report dir (default OUT/report)")
+    parser.add_argument("--ablation-report", type=Path, default=None,
+                        help="study scale: the r x index-mode ablation's report dir (default OUT/ablation/report)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("MPLBACKEND", "Agg")
     try:
-        Smoke(args.scale, args.out, force=args.force, corpus=args.corpus, report_dir=args.report).run()
+        Smoke(args.scale, args.out, force=args.force, corpus=args.corpus, report_dir=args.report,
+              ablation_report_dir=args.ablation_report).run()
     except UserError as e:
         print(f"run_smoke: error: {e}", file=sys.stderr)
         return 2

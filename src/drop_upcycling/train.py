@@ -50,7 +50,8 @@ from torch.profiler import record_function
 from .checkpoint import checkpoint_problem, load_checkpoint, load_model, save_checkpoint, training_state
 from .configs import ModelConfig, TrainConfig
 from .errors import UserError
-from .fsio import claim, make_parent, remove_orphans, write_json, write_text, writing
+from .fsio import claim, make_parent, remove_orphans, truncate_jsonl, write_json, write_text, writing
+from .heldout import HELDOUT, HELDOUT_SPLIT, HeldoutSet, due, evaluate_heldout, load_heldout
 from .layout import CHECKPOINTS, LATEST, METRICS, RUN_JSON, checkpoint_dir
 from .model import CausalLM, causal_lm_loss
 from .moe import AllToAllDispatcher
@@ -86,16 +87,14 @@ def build_reader(run: TrainConfig, cfg: ModelConfig, rank: int, world_size: int
     data = run.data  # the fields were checked where the config was read (configs.DATA_SPECS)
     weights = data.get("weights")
     domains = list(weights) if weights else None
+    source = data_source(run, cfg)
     if data.get("shards") is not None:
-        shards = data_mod.TokenShards.load(data["shards"])
+        shards = source
         files = shards.files_by_domain(data.get("split", "train"), domains)
         shards.check_fits(cfg.vocab_size, run.init, files)
         tokenizer_dir = shards.tokenizer_dir or _init_tokenizer_dir(run.init)
     else:
-        prepared = data_mod.prepare_all(corpus=data.get("corpus"), cache_dir=data.get("cache_dir"),
-                                        vocab_size=data.get("vocab_size", cfg.vocab_size), seed=data.get("seed", 0),
-                                        max_docs_per_domain=data.get("max_docs_per_domain"),
-                                        pinned=data.get("pinned", True))
+        prepared = source
         data_mod.check_vocab(prepared.tokenizer_dir, cfg.vocab_size)
         data_mod.check_init_tokenizer(prepared.tokenizer_sha256, f"the corpus's tokenizer {prepared.tokenizer_dir}",
                                       run.init)
@@ -107,6 +106,28 @@ def build_reader(run: TrainConfig, cfg: ModelConfig, rank: int, world_size: int
     if note and rank == 0:
         log.warning(note)
     return reader, tokenizer_dir
+
+
+def data_source(run: TrainConfig, cfg: ModelConfig):
+    """What ``run.data`` names: a :class:`~drop_upcycling.data.TokenShards` folder, or the built-in corpus
+    as a :class:`~drop_upcycling.data.PreparedData` (prepared into the data cache on first use)."""
+    from . import data as data_mod
+
+    data = run.data
+    if data.get("shards") is not None:
+        return data_mod.TokenShards.load(data["shards"])
+    return data_mod.prepare_all(corpus=data.get("corpus"), cache_dir=data.get("cache_dir"),
+                                vocab_size=data.get("vocab_size", cfg.vocab_size), seed=data.get("seed", 0),
+                                max_docs_per_domain=data.get("max_docs_per_domain"), pinned=data.get("pinned", True))
+
+
+def build_heldout(run: TrainConfig, cfg: ModelConfig, rank: int, world_size: int) -> HeldoutSet | None:
+    """This rank's share of the fixed held-out sequences (:mod:`drop_upcycling.heldout`), when the run asks."""
+    if not run.heldout_every_tokens:
+        return None
+    weights = run.data.get("weights")
+    files = data_source(run, cfg).files_by_domain(HELDOUT_SPLIT, list(weights) if weights else None)
+    return load_heldout(files, run.seq_len, run.heldout_sequences, rank, world_size)
 
 
 def _init_tokenizer_dir(init: str | None) -> Path | None:
@@ -188,6 +209,7 @@ class Trainer:
             self.reader, self.tokenizer_dir = build_reader(run, self.cfg, env.data_rank, env.world_size)
             if env.is_main:
                 env.barrier()
+        self.heldout = build_heldout(run, self.cfg, env.rank, env.world_size) if reader is None else None
         if env.device.type == "cpu":
             reuse_freed_memory()
         torch.manual_seed(run.seed + env.rank)
@@ -203,7 +225,8 @@ class Trainer:
         self.step, self.tokens = state["step"], state["tokens"]
         if self.env.is_main:
             log.info("resumed from %s (step %d)", path, self.step)
-            _truncate_metrics(self.out / METRICS, self.step)
+            truncate_jsonl(self.out / METRICS, self.step)
+            truncate_jsonl(self.out / HELDOUT, self.step)
 
     def train_step(self) -> StepStats:
         """One optimizer step over the global batch; returns its metrics, the same on every rank.
@@ -261,6 +284,8 @@ class Trainer:
         bar = _progress(total, self.step, env.is_main)
         try:  # the bar ends its line before an error message is printed
             with open(metrics, "a") if env.is_main else contextlib.nullcontext() as f:
+                if self.step == 0:
+                    self.evaluate_heldout()
                 while self.step < total:
                     t0 = time.perf_counter()
                     stats = self.train_step()
@@ -276,6 +301,9 @@ class Trainer:
                         _log_scalars(writer, row)
                         bar.update(1)
                         bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                    if due(self.tokens - run.global_batch_tokens, self.tokens, run.heldout_every_tokens) or (
+                            self.step == total):
+                        self.evaluate_heldout()
                     if (run.save_every and self.step % run.save_every == 0) or self.step == total:
                         self.save()
         finally:
@@ -283,6 +311,20 @@ class Trainer:
             if writer is not None:
                 writer.close()
         return checkpoint_dir(self.out, total)
+
+    def evaluate_heldout(self) -> None:
+        """One row of ``heldout.jsonl`` at the current step (all ranks evaluate their share; rank 0 writes)."""
+        if self.heldout is None:
+            return
+        env = self.env
+        row = evaluate_heldout(self.model, self.cfg, self.heldout, self.run.micro_batch_size,
+                               env.world_pg if env.world_size > 1 else None,
+                               env.expert_pg if self.cfg.is_moe and env.ep_size > 1 else None, self.autocast)
+        if env.is_main:
+            with open(self.out / HELDOUT, "a") as f:
+                f.write(json.dumps({"step": self.step, "tokens": self.tokens, **row}) + "\n")
+            log.info("held-out loss at step %d: %.4f (%s)", self.step, row["mean"],
+                     ", ".join(f"{d} {v:.3f}" for d, v in row["loss"].items()))
 
     def save(self) -> Path:
         """Checkpoint the current step from all ranks; rank 0 then points ``latest`` at it and prunes."""
@@ -322,14 +364,6 @@ def _autocast(run: TrainConfig, env: ParallelEnv):
     if not bf16:
         return contextlib.nullcontext()
     return torch.autocast(env.device.type, dtype=torch.bfloat16)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines logged after the checkpoint we resume from (a killed run may have logged more)."""
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _progress(total: int, initial: int, enabled: bool):

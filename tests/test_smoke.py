@@ -78,13 +78,14 @@ def test_every_scale_plans_every_method_and_a_dense_reference_per_seed(tmp_path:
     smoke.build()
     s = SCALES[scale]
     methods = {(r.method, r.seed) for r in smoke.runs}
-    assert methods == {(m, seed) for seed in s.seeds for m in (*s.methods, "dense")}
+    assert methods == {(m, seed) for seed in s.seeds for m in (*s.methods, "dense")
+                       if m not in s.single_seed or seed == s.seeds[0]}
     names = [st.name for st in smoke.pipe.stages]
-    assert names[:2] == ["data", "pretrain"] and names[-2:] == ["analyze", "report"]
+    assert names[:2] == ["data", "pretrain"] and names[-1] == "report" and "analyze" in names
     assert len(set(names)) == len(names)
-    # MoE runs use expert parallelism over 2 processes; the dense reference reads the same batches.
+    # MoE runs use expert parallelism over the scale's processes per run (2, or 1 run per core in the study).
     moe = [st for st in smoke.pipe.stages if st.name.startswith("train-") and "dense" not in st.name]
-    assert moe and all(st.spec["ep"] == 2 for st in moe)
+    assert moe and all(st.spec["ep"] == s.procs for st in moe)
 
 
 def test_unknown_scale_is_one_clear_error(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import importlib
 ANALYSES: dict[str, tuple[str, str]] = {
     "routing": ("drop_upcycling.routing", "Figure 5 and specialization metrics from routing count CSVs"),
     "curves": ("drop_upcycling.curves", "LM loss against tokens and FLOPs, final losses and crossovers of runs"),
+    "study": ("drop_upcycling.study", "held-out curves, the DU-0.5 - NU crossover, experts over training, ablation"),
 }
 
 

@@ -50,7 +50,7 @@ def windows(files: list[Path], seq_len: int, count: int) -> torch.Tensor:
     """The first ``count`` consecutive ``seq_len``-token windows of ``files`` read as one stream."""
     from .data import read_shard
 
-    out, buf = [], []
+    buf = []
     have = 0
     for path in files:
         tokens = torch.from_numpy(read_shard(path).astype("int64"))

@@ -167,6 +167,10 @@ class ReproLayout:
         return self.root / "analysis"
 
     @property
+    def matmul_rate(self) -> Path:
+        return self.root / "checks" / "matmul_rate.json"
+
+    @property
     def analysis_study(self) -> Path:
         return self.analysis / "study"
 

@@ -225,6 +225,25 @@ def finding_du_ends_below_nu(final: pd.DataFrame) -> Finding:
     return Finding("du_ends_below_nu", claim, ok, detail, {"DU-0.5": du, "NU": nu, "single_seed": single})
 
 
+def finding_du_ends_below_nu_heldout(study: dict) -> Finding:
+    """The same claim on held-out loss with paired seeds: DU-0.5 - NU at the end, by seed, and its 95%
+    t-interval; reproduced when the whole interval is below 0 (the study plan's rule)."""
+    claim = ("Drop-Upcycling r=0.5 (DU-0.5) ends below naive upcycling (NU) (final held-out loss, paired seeds, "
+             "95% interval below 0)")
+    gap = study["du_vs_nu"].get("final_gap")
+    if not gap:
+        return Finding("du_ends_below_nu", claim, None, "not tested: needs paired DU-0.5 and NU held-out logs")
+    if gap["low"] is None:
+        ok = None
+        detail = f"DU-0.5 - NU {gap['mean']:+.4f} with one seed: no interval, not tested"
+    else:
+        ok = gap["high"] < 0
+        detail = (f"DU-0.5 - NU at the end {gap['mean']:+.4f}, 95% t-interval [{gap['low']:+.4f}, {gap['high']:+.4f}] "
+                  f"over {gap['n']} paired seeds: " + ("below 0" if ok else "above 0" if gap["low"] > 0
+                                                        else "includes 0"))
+    return Finding("du_ends_below_nu", claim, ok, detail, {"final_gap": gap})
+
+
 def finding_nu_routing_collapses(metrics: pd.DataFrame | None) -> Finding:
     from .plotstyle import method_key
 
@@ -251,10 +270,13 @@ def finding_nu_routing_collapses(metrics: pd.DataFrame | None) -> Finding:
 
 
 def findings(runs: list, final: pd.DataFrame, routing_metrics: pd.DataFrame | None,
-             start_tol: float = DEFAULT_START_TOL, first_batch: dict | None = None) -> list[Finding]:
-    """The four verdicts, in the paper's order."""
+             start_tol: float = DEFAULT_START_TOL, first_batch: dict | None = None,
+             study: dict | None = None) -> list[Finding]:
+    """The four verdicts, in the paper's order. With held-out logs (``study``: the CPU study's analysis)
+    "DU-0.5 ends below NU" is judged on held-out loss with paired seeds instead of training loss."""
+    du_nu = finding_du_ends_below_nu_heldout(study) if study else finding_du_ends_below_nu(final)
     return [finding_nu_starts_at_dense(runs, start_tol, first_batch), finding_fs_starts_worst(final),
-            finding_du_ends_below_nu(final), finding_nu_routing_collapses(routing_metrics)]
+            du_nu, finding_nu_routing_collapses(routing_metrics)]
 
 
 # ============================================================================ tables
@@ -438,6 +460,7 @@ class Analyses:
     evals: pd.DataFrame | None  # one primary metric per task and checkpoint
     flops: list[dict]  # flops_rows
     routing_text: list[str] = field(default_factory=list)  # what text the routing counts came from
+    study: dict | None = None  # drop_upcycling.study's result, when the runs logged held-out loss
 
 
 def _build(rd: RunDir, out: Path, window: int | None, last: int | None, start_tol: float, formats) -> dict:
@@ -451,7 +474,7 @@ def _build(rd: RunDir, out: Path, window: int | None, last: int | None, start_to
     out. Returns the findings, the findings.json payload and the README text.
     """
     a = _analyze(rd, out, window, last, formats)
-    found = findings(a.runs, a.curves["final"], a.routing, start_tol, rd.first_batch)
+    found = findings(a.runs, a.curves["final"], a.routing, start_tol, rd.first_batch, a.study)
     provenance = _provenance(rd)
     runs_df = runs_provenance(a.runs + ([a.pretrain] if a.pretrain else []))
     crossovers = a.curves["crossovers"]
@@ -459,7 +482,11 @@ def _build(rd: RunDir, out: Path, window: int | None, last: int | None, start_to
                "final_losses": a.curves["final"].to_dict(orient="records"),
                "crossovers": crossovers.astype(object).where(crossovers.notna(), None).to_dict(orient="records"),
                "runs": runs_df.to_dict(orient="records"), "provenance": provenance}
-    lines = [*_section_findings(rd, provenance, found), *_section_curves(a.curves), *_section_eval(a.evals),
+    if a.study:
+        payload |= {"regime": a.study["regime"], "du_vs_nu": a.study["du_vs_nu"],
+                    "final_heldout_loss": a.study["final_heldout_loss"], "throughput": a.study["throughput"]}
+    lines = [*_section_findings(rd, provenance, found), *_section_study(a.study), *_section_curves(a.curves),
+             *_section_eval(a.evals),
              *_section_routing(a.routing, a.routing_text), *_section_compute(a.flops),
              *_section_provenance(provenance, rd.provenance, runs_df)]
     return {"findings": found, "json": _jsonable(payload), "readme": "\n".join(lines)}
@@ -494,7 +521,12 @@ def _analyze(rd: RunDir, out: Path, window: int | None, last: int | None, format
     if frows:
         pd.DataFrame(frows).to_csv(out / "flops.csv", index=False, float_format="%.6g")
         save_figure(plot_plan(frows, "full"), out, "flops", formats)
-    return Analyses(curves, runs, pretrain, rmetrics, evals, frows, routing_text_sources(rd.routing_csvs))
+    study = None
+    if any((p / "heldout.jsonl").is_file() for p in rd.run_dirs):
+        from .study import analyze_study
+
+        study = analyze_study(rd.root, out / "study", formats=formats)
+    return Analyses(curves, runs, pretrain, rmetrics, evals, frows, routing_text_sources(rd.routing_csvs), study)
 
 
 def _provenance(rd: RunDir) -> dict:
@@ -519,6 +551,17 @@ def _section_findings(rd: RunDir, provenance: dict, found: list[Finding]) -> lis
                                          "verdict": [VERDICT[f.reproduced] for f in found],
                                          "evidence": [f.detail for f in found]})), "",
             "A finding counts as reproduced only when it holds beyond the spread across seeds.", ""]
+
+
+def _section_study(study: dict | None) -> list[str]:
+    """The held-out comparison (only for runs that logged held-out loss)."""
+    if not study:
+        return []
+    from .study import summary_markdown
+
+    return [summary_markdown(study), "The study's regime and analysis were fixed before it ran: "
+            "`reports/study_plan.md` in the repository. Held-out numbers: `study/study.json`; "
+            "per-evaluation losses: `study/heldout_losses.csv`.", ""]
 
 
 def _section_curves(curves: dict) -> list[str]:

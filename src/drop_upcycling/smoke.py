@@ -324,11 +324,11 @@ class Smoke:
     """Builds the pipeline for a scale and output dir; :meth:`run` executes it."""
 
     def __init__(self, scale_name: str, out: Path, force: bool = False, corpus: str | None = None,
-                 report_dir: Path | None = None, ablation_report_dir: Path | None = None) -> None:
+                 report_dir: Path | None = None, ablation_report_dir: Path | None = None, pinned: bool = True) -> None:
         if scale_name not in SCALES:
             raise UserError(f"unknown scale {scale_name!r} (choose {', '.join(SCALES)})")
         self.scale_name, self.scale = scale_name, SCALES[scale_name]
-        self.out, self.corpus = out, corpus
+        self.out, self.corpus, self.pinned = out, corpus, pinned
         self.layout = ReproLayout(out)
         self.pipe = Pipeline(out, force, jobs=self.scale.jobs)
         self.runs: list[RunSpec] = []
@@ -362,6 +362,8 @@ class Smoke:
                      weights: dict[str, float] | None, out: Path, warmup: int) -> dict[str, Any]:
         s = self.scale
         data: dict[str, Any] = {"corpus": self.corpus, "vocab_size": s.vocab_size}
+        if not self.pinned:
+            data["pinned"] = False
         if weights is not None:
             data["weights"] = dict(weights)
         heldout = ({"heldout_every_tokens": s.heldout_every_tokens, "heldout_sequences": s.heldout_sequences}
@@ -411,7 +413,7 @@ class Smoke:
 
     def _add_data_and_pretrain(self) -> None:
         s = self.scale
-        self.pipe.add(Stage("data", {"vocab_size": s.vocab_size, "corpus": self.corpus}, [self.prepared_file],
+        self.pipe.add(Stage("data", {"vocab_size": s.vocab_size, "corpus": self.corpus, **({} if self.pinned else {"pinned": False})}, [self.prepared_file],
                             self._prepare_data, estimate_s=25))
         pre = self.train_config(method=DENSE, seed=0, init=None, steps=s.pretrain_steps, lr=s.pretrain_lr,
                                 weights=s.weights, out=self.pretrain_dir, warmup=_warmup(s.pretrain_steps, s.pretrain_warmup))
@@ -531,9 +533,11 @@ class Smoke:
         report_deps = ["analyze"]
         if self.scale.heldout_every_tokens:
             study = self.layout.analysis_study
+            self.pipe.add(Stage("matmul-rate", {"v": 1, "jobs": self.scale.jobs}, [self.layout.matmul_rate],
+                                self._matmul_rate, estimate_s=15))
             self.pipe.add(Stage("analyze-study", {"v": 1, "ablation": str(self.ablation_report_dir)},
                                 [study / "study.json"], self._analyze_study,
-                                deps=["analyze", *(f"train-ablation-{r.label}" for r in self.ablation_runs)],
+                                deps=["analyze", "matmul-rate", *(f"train-ablation-{r.label}" for r in self.ablation_runs)],
                                 estimate_s=20))
             report_deps.append("analyze-study")
         self.pipe.add(Stage("report", {"v": 1, "out": str(self.report_dir)}, [self.report_dir / "README.md"],
@@ -543,7 +547,7 @@ class Smoke:
     def _prepare_data(self) -> None:
         from . import data as data_mod
 
-        prepared = data_mod.prepare_all(corpus=self.corpus, vocab_size=self.scale.vocab_size)
+        prepared = data_mod.prepare_all(corpus=self.corpus, vocab_size=self.scale.vocab_size, pinned=self.pinned)
         self.prepared_file.parent.mkdir(parents=True, exist_ok=True)
         self.prepared_file.write_text(f"{prepared.root}\n")
 
@@ -602,6 +606,23 @@ class Smoke:
              str(self.scale.seq_len), "--causal", "--format", "table", "--out", out / "flops"])
         _write_json(out / "manifest.json", self.manifest())
 
+    def _matmul_rate(self) -> None:
+        """The machine's matmul rate at the model's FFN shapes, as the runs used it (``jobs`` processes of
+        one thread at once): the reference of the study's throughput share."""
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        s = self.scale
+        shape = (s.global_batch_tokens // s.procs, s.model["hidden_size"], s.model["intermediate_size"])
+        threads = max(1, (os.cpu_count() or 2) // (s.procs * s.jobs))
+        with ProcessPoolExecutor(s.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rates = list(pool.map(swiglu_flops_per_s, [shape] * s.jobs, [threads] * s.jobs))
+        _write_json(self.layout.matmul_rate, {
+            "what": "fp32 FLOP/s of forward + backward of a SwiGLU FFN (3 matmuls, no routing) at the model's "
+                    "shape, summed over concurrent_runs processes running at once, as the training runs did",
+            "tokens": shape[0], "hidden": shape[1], "ffn": shape[2], "threads_per_process": threads,
+            "concurrent_runs": s.jobs, "per_process_flops_per_s": rates, "flops_per_s": sum(rates)})
+
     def _analyze_study(self) -> None:
         """Held-out curves, the DU - NU crossover, experts' similarity and specialization over training,
         and the ablation (``drop-upcycling analyze study``)."""
@@ -639,6 +660,31 @@ class Smoke:
         self.t0, self.started = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.pipe.run()
         _write_json(self.layout.manifest, self.record(final=True))
+
+
+# ============================================================================ the machine's matmul rate
+def swiglu_flops_per_s(shape: tuple[int, int, int], threads: int, seconds: float = 5.0) -> float:
+    """FLOP/s of forward + backward of ``silu(x W1^T) * (x W3^T) W2^T`` for x of ``shape[:2]``, FFN ``shape[2]``."""
+    import torch
+
+    torch.set_num_threads(threads)
+    tokens, hidden, ffn = shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, hidden, generator=g, requires_grad=True)
+    w1, w3 = (torch.randn(ffn, hidden, generator=g, requires_grad=True) for _ in range(2))
+    w2 = torch.randn(hidden, ffn, generator=g, requires_grad=True)
+
+    def step() -> None:
+        y = (torch.nn.functional.silu(x @ w1.T) * (x @ w3.T)) @ w2.T
+        y.sum().backward()
+
+    for _ in range(3):
+        step()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        step()
+        n += 1
+    return 18.0 * tokens * hidden * ffn * n / (time.perf_counter() - t0)  # 3 matmuls x (fwd + 2 bwd) x 2 FLOP
 
 
 # ============================================================================ the first-batch check
@@ -681,6 +727,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("reports/smoke"), help="output dir (default reports/smoke)")
     parser.add_argument("--force", action="store_true", help="redo every stage, even up-to-date ones")
     parser.add_argument("--corpus", default=None, help="corpus dir (default $DROP_UPCYCLING_CORPUS / cache)")
+    parser.add_argument("--unpinned", action="store_true",
+                        help="--corpus is a folder of one's own in the same layout (no pinned sha256 check)")
     parser.add_argument("--report", type=Path, default=None, help="report dir (default OUT/report)")
     parser.add_argument("--ablation-report", type=Path, default=None,
                         help="study scale: the r x index-mode ablation's report dir (default OUT/ablation/report)")
@@ -691,7 +739,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MPLBACKEND", "Agg")
     try:
         Smoke(args.scale, args.out, force=args.force, corpus=args.corpus, report_dir=args.report,
-              ablation_report_dir=args.ablation_report).run()
+              ablation_report_dir=args.ablation_report, pinned=not args.unpinned).run()
     except UserError as e:
         print(f"run_smoke: error: {e}", file=sys.stderr)
         return 2

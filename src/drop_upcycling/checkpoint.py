@@ -16,8 +16,9 @@ A training checkpoint (:func:`save_checkpoint`, :func:`load_checkpoint`) is writ
 once: each expert-parallel rank writes its experts' weights into its own shard
 (``model-{ep_rank + 1}-of-{ep_size}``, rank 0's also holding everything else) and rank 0 the index,
 so transformers loads it like any other. ``trainer/`` holds the AdamW moments under the HF names
-(``optimizer-{ep_rank}.safetensors``: any expert-parallel size reloads them), each rank's data
-position and RNG state (``rank-{rank}.json``) and the step (``state.json``).
+(``optimizer-{ep_rank}.safetensors``: any expert-parallel size reloads them; with ``save_dtype: bf16``
+also the fp32 weights, ``<name>.master``, which the rounded shards lack and an exact resume needs),
+each rank's data position and RNG state (``rank-{rank}.json``) and the step (``state.json``).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ _SAFETENSORS_READ_DTYPES = {
 _STACKED = re.compile(r"^(model\.layers\.\d+\.block_sparse_moe\.experts)\.(w[123])$")
 TRAINER = "trainer"  # the trainer's state inside a training checkpoint
 MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state per parameter, besides the step
+MASTER = "master"  # the fp32 weights in the optimizer file, when the weight shards are rounded to bf16
 
 
 # ---------------------------------------------------------------------------- the name mapping
@@ -641,7 +643,12 @@ def _write_rank_files(tmp: Path, model: CausalLM, optimizer: torch.optim.AdamW, 
                       run: TrainConfig, env: ParallelEnv) -> None:
     """This rank's files. One replica of each expert slice (``dp_rank`` 0) writes the weights and the
     AdamW moments of its experts (rank 0 also those of everything else); every rank writes its data
-    position and RNG state."""
+    position and RNG state.
+
+    ``model`` holds the weights AdamW updates (the fp32 master under ``param_dtype: bf16``). When the
+    shards round them to bf16, the optimizer file keeps them in fp32 too (``<name>.master``), so that a
+    resume continues from the exact weights, as it does from fp32 shards.
+    """
     save_dtype = torch.bfloat16 if run.save_dtype == "bf16" else torch.float32
     if env.dp_rank == 0:
         experts_only = not env.is_main
@@ -653,6 +660,8 @@ def _write_rank_files(tmp: Path, model: CausalLM, optimizer: torch.optim.AdamW, 
         for key in MOMENTS:
             state = {n: optimizer.state[p][key] for n, p in params.items() if p in optimizer.state}
             moments.update(_hf_tensors(model, state, experts_only, suffix=f".{key}"))
+        if save_dtype != torch.float32:
+            moments.update(_hf_tensors(model, params, experts_only, suffix=f".{MASTER}"))
         moments = {n: t.detach().contiguous().cpu() for n, t in moments.items()}
         save_file(moments, str(tmp / _optimizer_file(env.ep_rank)))
     write_json(tmp / _rank_file(env.rank), {"data": reader.state_dict(), "rng": _rng_state()})
@@ -718,7 +727,7 @@ def load_checkpoint(path: Path, model: CausalLM, optimizer: torch.optim.AdamW, r
     ``state.json``."""
     state = training_state(path, env.world_size)
     load_state_into(model, CheckpointReader(path))
-    _load_moments(path / TRAINER, model, optimizer, state["step"])
+    _load_moments(path / TRAINER, model, optimizer, state["step"])  # and the fp32 weights, when kept there
     rank_state = json.loads((path / _rank_file(env.rank)).read_text())
     reader.load_state_dict(rank_state["data"])
     _set_rng_state(rank_state["rng"])
@@ -733,7 +742,8 @@ def _load_moments(trainer_dir: Path, model: CausalLM, optimizer: torch.optim.Ada
     it then. So every name is looked up across all ``optimizer-*`` files, and a stacked parameter
     gathers the experts this rank holds now, which need not be the ones that rank held. ``step`` is
     AdamW's step count, the same for every parameter (gradient reduction gives each parameter a
-    gradient at every step), kept as torch keeps it: a float tensor.
+    gradient at every step), kept as torch keeps it: a float tensor. The fp32 weights
+    (``<name>.master``, kept when the shards are bf16) replace the rounded ones just loaded.
     """
     handles = [safe_open(str(f), framework="pt") for f in sorted(trainer_dir.glob("optimizer-*.safetensors"))]
     where = {k: h for h in handles for k in h.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
@@ -743,16 +753,24 @@ def _load_moments(trainer_dir: Path, model: CausalLM, optimizer: torch.optim.Ada
             raise UserError(f"optimizer state {key} missing from {trainer_dir}")
         return where[key].get_tensor(key)
 
+    def gather(name: str, p: torch.Tensor, key: str) -> torch.Tensor:
+        """This rank's ``key`` tensor of parameter ``name`` (its experts' for a stacked one)."""
+        if _is_stacked(name):
+            t = torch.stack([get(k) for k in _hf_expert_names(name, model.expert_offset(name), p.shape[0],
+                                                               suffix=f".{key}")])
+        else:
+            t = get(f"{name}.{key}")
+        return t.to(device=p.device, dtype=p.dtype)
+
+    has_master = any(k.endswith(f".{MASTER}") for k in where)  # saved for every parameter or for none
     for name, p in model.named_parameters():  # a tied LM head is one parameter with the embedding
         st: dict[str, torch.Tensor] = {"step": torch.tensor(float(step))}
         for key in MOMENTS:
-            if _is_stacked(name):
-                t = torch.stack([get(k) for k in _hf_expert_names(name, model.expert_offset(name), p.shape[0],
-                                                                   suffix=f".{key}")])
-            else:
-                t = get(f"{name}.{key}")
-            st[key] = t.to(device=p.device, dtype=p.dtype)
+            st[key] = gather(name, p, key)
         optimizer.state[p] = st
+        if has_master:
+            with torch.no_grad():
+                p.copy_(gather(name, p, MASTER))
 
 
 def _rng_state() -> dict[str, str]:

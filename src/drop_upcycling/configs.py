@@ -20,7 +20,10 @@ import yaml
 from .errors import UserError
 from .fsio import load_json  # the one JSON reader; configs.load_json stays importable
 
-AUX_LOSS_MODES = ("global", "per_layer")
+AUX_LOSS_MODES = ("global", "per_layer")  # ModelConfig.aux_loss_mode: how the layers' terms combine
+# TrainConfig.aux_loss_scope: which tokens the balance loss's routing fractions count (see causal_lm_loss).
+AUX_LOSS_SCOPES = ("global_batch", "micro_batch")
+PARAM_DTYPES = ("fp32", "bf16")  # TrainConfig.param_dtype
 
 
 # ============================================================================ validation
@@ -514,8 +517,22 @@ class TrainConfig:
     # kernel: one pass per tensor instead of about ten, 3x faster on CPU; equal to the loop to fp32
     # rounding, not bitwise, hence a choice; the CPU study uses it, see drop_upcycling.smoke).
     adamw_impl: str = "loop"
+    # The authors' training semantics (moe-recipes: HF Mixtral + DeepSpeed) as named options. The defaults
+    # are this project's own choices, which the CPU study uses; the paper recipes set the authors' values.
+    # Routing fractions of the balance loss: "global_batch" pools them over the data ranks (the loss of the
+    # ranks' concatenated micro-batches), "micro_batch" counts each rank's micro-batch alone (HF Mixtral's
+    # load_balancing_loss_func per forward, as moe-recipes trains).
+    aux_loss_scope: str = "global_batch"
+    # Weight decay on 1-D parameters (the RMSNorm weights): false exempts them (HF Trainer, Megatron);
+    # true decays every parameter (moe-recipes: torch AdamW over model.parameters()).
+    weight_decay_1d: bool = False
+    # Weights held in fp32, or in bf16 with an fp32 master copy that AdamW updates (DeepSpeed bf16).
+    param_dtype: str = "fp32"
+    # First warmup lr: None warms up from lr / warmup_steps at step 0 (reaching lr at step warmup_steps - 1);
+    # a value v starts at v and reaches lr at step warmup_steps (moe-recipes' WarmupCosineAnnealingLR, v = min_lr).
+    warmup_start_lr: float | None = None
     ep: int = 1
-    dtype: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    dtype: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU (bf16 wherever param_dtype is bf16)
     out: str = "runs/train"
     save_every: int = 0  # 0: only at the end
     keep_last: int = 3
@@ -549,6 +566,14 @@ class TrainConfig:
             raise UserError(f"dtype must be auto, bf16 or fp32, got {self.dtype!r}")
         if self.adamw_impl not in ADAMW_IMPLS:
             raise UserError(f"adamw_impl must be {' or '.join(ADAMW_IMPLS)}, got {self.adamw_impl!r}")
+        if self.aux_loss_scope not in AUX_LOSS_SCOPES:
+            raise UserError(f"aux_loss_scope must be {' or '.join(AUX_LOSS_SCOPES)}, got {self.aux_loss_scope!r}")
+        if self.param_dtype not in PARAM_DTYPES:
+            raise UserError(f"param_dtype must be {' or '.join(PARAM_DTYPES)}, got {self.param_dtype!r}")
+        if self.param_dtype == "bf16" and self.dtype == "fp32":
+            raise UserError("param_dtype bf16 computes in bf16: set dtype to bf16 or auto, not fp32")
+        if self.warmup_start_lr is not None and self.warmup_start_lr > self.lr:
+            raise UserError(f"need warmup_start_lr <= lr, got warmup_start_lr={self.warmup_start_lr}, lr={self.lr}")
         if self.save_dtype not in ("fp32", "bf16"):
             raise UserError(f"save_dtype must be fp32 or bf16, got {self.save_dtype!r}")
         if self.model is None and self.init is None:
@@ -627,6 +652,7 @@ TRAIN_SPECS: dict[str, Spec] = {
     "grad_clip": NON_NEGATIVE, "ep": POSITIVE_INT, "dtype": TEXT, "out": TEXT, "save_every": COUNT,
     "keep_last": POSITIVE_INT, "save_dtype": TEXT, "tensorboard": BOOL, "nodes": POSITIVE_INT,
     "gpus_per_node": POSITIVE_INT, "method": _optional(TEXT), "adamw_impl": TEXT,
+    "aux_loss_scope": TEXT, "weight_decay_1d": BOOL, "param_dtype": TEXT, "warmup_start_lr": _optional(NON_NEGATIVE),
     "heldout_every_tokens": COUNT, "heldout_sequences": POSITIVE_INT,
 }
 # ``data:`` reads either token shards built by ``drop-upcycling data tokenize`` (``shards``, checked

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .configs import ModelConfig
+from .configs import AUX_LOSS_SCOPES, ModelConfig
 from .moe import Dispatcher, SparseMoeBlock, load_balancing_loss, router_z_loss
 from .parallel import all_reduce_mean
 
@@ -172,16 +172,27 @@ def next_token_ce_sum(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torc
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, router_logits: list[torch.Tensor],
-                   cfg: ModelConfig, group: dist.ProcessGroup | None = None) -> Losses:
+                   cfg: ModelConfig, group: dist.ProcessGroup | None = None,
+                   aux_loss_scope: str = "global_batch") -> Losses:
     """The training loss of one batch: next-token cross-entropy plus the weighted router losses.
 
     ``labels`` follow HF: the shape of the input ids, shifted here, -100 ignored. Without ``group``
     this is HF's loss on the batch. With ``group`` (data parallelism) it is this rank's share: its
     mean over the ranks of ``group`` equals the loss of their concatenated batches. For that the
     cross-entropy sum is divided by the mean number of predicted tokens per rank (a rank with more
-    ignored labels weighs less), and the balance loss uses the routing fractions of the whole group
-    (:func:`~drop_upcycling.moe.load_balancing_loss`); the z-loss is a plain token mean.
+    ignored labels weighs less); the z-loss is a plain token mean.
+
+    ``aux_loss_scope`` (:data:`~drop_upcycling.configs.AUX_LOSS_SCOPES`) says which tokens the balance
+    loss's routing fractions count. ``"global_batch"``: those of the whole group
+    (:func:`~drop_upcycling.moe.load_balancing_loss` pools them), so the ranks' mean is the balance loss
+    of their concatenated batches, whatever the layout. ``"micro_batch"``: this batch's alone, HF
+    Mixtral's ``load_balancing_loss_func`` on this rank's router logits, as moe-recipes (the authors'
+    trainer) computes it in every forward; a rank whose batch is one domain is then penalized for
+    routing it to few experts, even when the ranks together are balanced. How the layers combine is
+    the model's ``aux_loss_mode``, a separate choice.
     """
+    if aux_loss_scope not in AUX_LOSS_SCOPES:
+        raise ValueError(f"aux_loss_scope must be one of {AUX_LOSS_SCOPES}, got {aux_loss_scope!r}")
     targets = labels[:, 1:].reshape(-1)
     ce_sum = next_token_ce_sum(logits, labels)
     n_valid = (targets != -100).sum().to(torch.float64)
@@ -191,8 +202,9 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, router_logits: li
     lm_loss = ce_sum / n_valid.to(ce_sum.dtype)
     losses = Losses(loss=lm_loss, lm_loss=lm_loss)
     if router_logits:
+        balance_group = group if aux_loss_scope == "global_batch" else None
         losses.aux_loss = load_balancing_loss(router_logits, cfg.num_experts, cfg.num_experts_per_tok,
-                                              cfg.aux_loss_mode, group=group)
+                                              cfg.aux_loss_mode, group=balance_group)
         losses.loss = losses.loss + cfg.router_aux_loss_coef * losses.aux_loss
         if cfg.router_z_loss_coef > 0:
             losses.z_loss = router_z_loss(router_logits)

@@ -411,7 +411,9 @@ def load_balancing_loss(
     ``group`` (data-parallel training): the routing fractions f (not differentiable) are averaged
     over the ranks of ``group``, each holding the same number of tokens. Each rank then returns
     ``E * sum f_global * P_local``, whose mean over ranks is exactly the loss of the whole global
-    batch and whose averaged gradient is that loss's gradient.
+    batch and whose averaged gradient is that loss's gradient. Without ``group`` the fractions are this
+    batch's alone: HF's ``load_balancing_loss_func`` on these logits (the trainer's ``aux_loss_scope:
+    micro_batch``, the authors' setting).
     """
     if not logits_per_layer:
         raise ValueError("no router logits")

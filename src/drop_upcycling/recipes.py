@@ -1,8 +1,9 @@
 """The paper recipes as data: one base YAML per model size plus a method's overlay.
 
 ``recipes/configs/<size>.yaml`` (``8x152m``, ``8x1.5b``, ``8x3.7b``) holds everything the MoE phase
-of one size trains with (model, data mix, batch, schedule, layout); it loads on its own as a
-training config. A method's overlay holds what differs per method: ``method`` (its key, what
+of one size trains with (model, data mix, batch, schedule, layout, and the authors' training semantics:
+``aux_loss_scope``, ``weight_decay_1d``, ``param_dtype``, ``warmup_start_lr``, whose defaults are ours);
+it loads on its own as a training config. A method's overlay holds what differs per method: ``method`` (its key, what
 run.json records and the report groups by) and ``upcycle`` (the ``drop-upcycling upcycle`` options
 that make its initial checkpoint; absent: random init, as FS). The overlays of the paper's methods
 are rows of the method table (:func:`overlay`), so a new method needs no recipe file; a YAML file

@@ -7,8 +7,9 @@ layers exchange tokens with :class:`~drop_upcycling.moe.AllToAllDispatcher` (see
 
 A step (:meth:`Trainer.train_step`): ``accum`` micro-batches forward/backward, gradient reduction
 over the two groups, clipping by the global norm, AdamW (FACTS.md §4: betas 0.9/0.95, eps 1e-8,
-weight decay 0.1 on matrices, not on norm weights), linear warmup then cosine to ``min_lr``. One
-JSON line per step goes to ``OUT/metrics.jsonl``.
+weight decay 0.1 on matrices, and on norm weights with ``weight_decay_1d``), linear warmup then cosine
+to ``min_lr``. With ``param_dtype: bf16`` the model holds bf16 weights and AdamW updates an fp32
+master copy (:class:`MasterWeights`). One JSON line per step goes to ``OUT/metrics.jsonl``.
 
 Checkpoints go to ``OUT/checkpoints/step-XXXXXXXX`` with a ``latest`` pointer, keeping the last K;
 each is an HF model plus the trainer's state, in the format :mod:`drop_upcycling.checkpoint` writes
@@ -135,14 +136,19 @@ def _init_tokenizer_dir(init: str | None) -> Path | None:
     return Path(init) if init is not None and (Path(init) / "tokenizer.json").is_file() else None
 
 
-def build_model(cfg: ModelConfig, run: TrainConfig, env: ParallelEnv) -> CausalLM:
-    """This rank's model: its slice of the experts, read from ``run.init`` or drawn from ``run.seed``."""
+def _expert_slice(cfg: ModelConfig, env: ParallelEnv) -> dict[str, Any]:
+    """The :class:`~drop_upcycling.model.CausalLM` arguments that make it hold this rank's experts."""
     num_local = cfg.num_experts // env.ep_size if cfg.is_moe else None
-    expert_slice: dict[str, Any] = {
+    return {
         "num_local": num_local,
         "expert_offset": env.ep_rank * num_local if cfg.is_moe else 0,
         "dispatcher": AllToAllDispatcher(cfg.num_experts, env.expert_pg) if cfg.is_moe and env.ep_size > 1 else None,
     }
+
+
+def build_model(cfg: ModelConfig, run: TrainConfig, env: ParallelEnv) -> CausalLM:
+    """This rank's model: its slice of the experts, read from ``run.init`` or drawn from ``run.seed``."""
+    expert_slice = _expert_slice(cfg, env)
     if run.init is None:
         model = CausalLM(cfg, **expert_slice)
         model.init_weights(run.seed)
@@ -154,7 +160,13 @@ def build_model(cfg: ModelConfig, run: TrainConfig, env: ParallelEnv) -> CausalL
 
 
 def build_optimizer(model: torch.nn.Module, run: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (norm weights are 1-D), as HF Trainer and Megatron do.
+    """AdamW over ``model``'s parameters (the fp32 master's under ``param_dtype: bf16``).
+
+    Weight decay on matrices; on the 1-D parameters (the RMSNorm weights; the model has no biases) only
+    with ``run.weight_decay_1d``. Exempting them is what HF Trainer and Megatron do, and our default;
+    moe-recipes, the authors' trainer, builds ``torch.optim.AdamW(model.parameters(), weight_decay=...)``
+    and so decays every parameter, which the paper recipes reproduce. Both groups always exist, so the
+    optimizer's layout (and a checkpoint's) does not depend on the choice.
 
     ``run.adamw_impl``: ``"loop"`` is torch's single-tensor loop (``foreach`` is bitwise the same and
     no faster on CPU); ``"fused"`` is torch's fused kernel, equal to the loop to fp32 rounding and
@@ -162,18 +174,68 @@ def build_optimizer(model: torch.nn.Module, run: TrainConfig) -> torch.optim.Ada
     """
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": run.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    decay_1d = run.weight_decay if run.weight_decay_1d else 0.0
+    groups = [{"params": decay, "weight_decay": run.weight_decay}, {"params": no_decay, "weight_decay": decay_1d}]
     impl = {"fused": {"fused": True}, "loop": {"foreach": False, "fused": False}}[run.adamw_impl]
     return torch.optim.AdamW(groups, lr=run.lr, betas=(run.beta1, run.beta2), eps=run.eps, **impl)
 
 
 def lr_at(step: int, run: TrainConfig) -> float:
-    """lr for 0-based optimizer step ``step``: linear warmup to ``lr``, then cosine to ``min_lr``."""
+    """lr for 0-based optimizer step ``step``: linear warmup to ``lr``, then cosine to ``min_lr``.
+
+    The warmup's first value is ``run.warmup_start_lr``. None (our default): ``lr / warmup_steps``, so
+    no step is taken at lr 0 and step ``warmup_steps - 1`` is at ``lr``. A value ``v``: ``v + (lr - v)
+    * step / warmup_steps``, reaching ``lr`` at step ``warmup_steps``, which is moe-recipes'
+    ``WarmupCosineAnnealingLR`` (its ``eta_min``, the min lr, is the start: 2e-5 in the paper's runs).
+    The cosine is the same in both (moe-recipes decays over ``lr_decay_iters`` = the run's steps).
+    """
     total = run.total_steps
     if step < run.warmup_steps:
-        return run.lr * (step + 1) / run.warmup_steps
+        if run.warmup_start_lr is None:
+            return run.lr * (step + 1) / run.warmup_steps
+        return run.warmup_start_lr + (run.lr - run.warmup_start_lr) * step / run.warmup_steps
     progress = min(1.0, (step - run.warmup_steps) / max(1, total - run.warmup_steps))
     return run.min_lr + 0.5 * (run.lr - run.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+class MasterWeights:
+    """``param_dtype: bf16``: a bf16 model for the forward and backward, its fp32 master for AdamW.
+
+    What DeepSpeed's bf16 mode (the authors' trainer) does: the weights the model computes with are bf16;
+    an fp32 copy of them is what the optimizer updates, and the bf16 weights are that copy rounded after
+    every step. An update below bf16's resolution (lr 2e-5 late in the cosine) then accumulates in the
+    master instead of being rounded away. The micro-batches' bf16 gradients are summed into fp32
+    gradients of the master (DeepSpeed's ``grad_accum_dtype: fp32``), which the reduction, the clipping
+    and AdamW then read. The master is a :class:`~drop_upcycling.model.CausalLM` holding the same experts,
+    so checkpoints save it (its fp32 weights, or their bf16 rounding, which is the bf16 model exactly) and
+    resume loads it, as they do an fp32 model.
+    """
+
+    def __init__(self, master: CausalLM, env: ParallelEnv) -> None:
+        self.master = master
+        with torch.device("meta"):
+            model = CausalLM(master.config, **_expert_slice(master.config, env))
+        self.model = model.to_empty(device=env.device).to(torch.bfloat16)
+        if master.config.tie_word_embeddings:
+            self.model.lm_head.weight = self.model.model.embed_tokens.weight
+        self.round_to_model()
+
+    @torch.no_grad()
+    def round_to_model(self) -> None:
+        """The model's bf16 weights := the master's, rounded (after each step and after a resume)."""
+        for p, m in zip(self.model.parameters(), self.master.parameters(), strict=True):
+            p.copy_(m)
+
+    def accumulate_grads(self) -> None:
+        """Add the model's bf16 gradients (one micro-batch) to the master's fp32 ones, and free them."""
+        for p, m in zip(self.model.parameters(), self.master.parameters(), strict=True):
+            if p.grad is None:
+                continue
+            if m.grad is None:
+                m.grad = p.grad.float()
+            else:
+                m.grad.add_(p.grad)
+            p.grad = None
 
 
 # ============================================================================ the loop
@@ -213,15 +275,21 @@ class Trainer:
         if env.device.type == "cpu":
             reuse_freed_memory()
         torch.manual_seed(run.seed + env.rank)
-        self.model = build_model(self.cfg, run, env)
-        self.optimizer = build_optimizer(self.model, run)
+        # self.master: the weights AdamW updates and checkpoints hold; self.model: the module that runs.
+        # The same module unless param_dtype is bf16.
+        self.master = build_model(self.cfg, run, env)
+        self.bf16 = MasterWeights(self.master, env) if run.param_dtype == "bf16" else None
+        self.model = self.bf16.model if self.bf16 is not None else self.master
+        self.optimizer = build_optimizer(self.master, run)
         self.step, self.tokens = 0, 0
         self.autocast = _autocast(run, env)
         if resume_from is not None:
             self._resume(resume_from)
 
     def _resume(self, path: Path) -> None:
-        state = load_checkpoint(path, self.model, self.optimizer, self.reader, self.env)
+        state = load_checkpoint(path, self.master, self.optimizer, self.reader, self.env)
+        if self.bf16 is not None:
+            self.bf16.round_to_model()
         self.step, self.tokens = state["step"], state["tokens"]
         if self.env.is_main:
             log.info("resumed from %s (step %d)", path, self.step)
@@ -254,19 +322,24 @@ class Trainer:
             with record_function("forward"), self.autocast:
                 out = self.model(ids, return_expert_ids=cfg.is_moe)
                 losses = causal_lm_loss(out.logits, ids, out.router_logits, cfg,
-                                        group=env.world_pg if env.world_size > 1 else None)
+                                        group=env.world_pg if env.world_size > 1 else None,
+                                        aux_loss_scope=run.aux_loss_scope)
             with record_function("backward"):
                 (losses.loss / self.accum).backward()
+                if self.bf16 is not None:
+                    self.bf16.accumulate_grads()
             aux = losses.aux_loss if losses.aux_loss is not None else torch.zeros((), device=env.device)
             sums += torch.stack([losses.loss.detach(), losses.lm_loss.detach(), aux.detach()]).double()
             for layer, ids_TK in enumerate(out.expert_ids):
                 counts[layer] += torch.bincount(ids_TK.reshape(-1), minlength=cfg.num_experts).double()
         with record_function("gradients"):
-            reduce_gradients(self.model, env)
-            grad_norm = clip_gradients(self.model, env, run.grad_clip)
+            reduce_gradients(self.master, env)
+            grad_norm = clip_gradients(self.master, env, run.grad_clip)
         with record_function("optimizer"):
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if self.bf16 is not None:
+                self.bf16.round_to_model()
         with record_function("metrics"):
             sums = all_reduce_mean(sums, env.world_pg) / self.accum
             if counts.numel() and env.world_size > 1:
@@ -329,7 +402,7 @@ class Trainer:
     def save(self) -> Path:
         """Checkpoint the current step from all ranks; rank 0 then points ``latest`` at it and prunes."""
         path = checkpoint_dir(self.out, self.step)
-        save_checkpoint(path, self.step, self.tokens, self.model, self.optimizer, self.reader, self.run, self.env,
+        save_checkpoint(path, self.step, self.tokens, self.master, self.optimizer, self.reader, self.run, self.env,
                         self.tokenizer_dir)
         if self.env.is_main:
             _set_latest(self.out, path)
@@ -360,7 +433,9 @@ def reuse_freed_memory() -> None:
 
 
 def _autocast(run: TrainConfig, env: ParallelEnv):
-    bf16 = run.dtype == "bf16" or (run.dtype == "auto" and env.device.type == "cuda")
+    """bf16 autocast for ``dtype: bf16``, for ``auto`` on GPU, and wherever the weights are bf16
+    (``param_dtype: bf16``, which :meth:`TrainConfig.check` allows only with ``dtype`` bf16 or auto)."""
+    bf16 = run.dtype == "bf16" or (run.dtype == "auto" and env.device.type == "cuda") or run.param_dtype == "bf16"
     if not bf16:
         return contextlib.nullcontext()
     return torch.autocast(env.device.type, dtype=torch.bfloat16)

@@ -9,15 +9,21 @@
 #
 # Usage: recipes/run_${SIZE}.sh [--dry-run] [METHOD ...]   (METHOD: a method slug, listed below, or an
 #        overlay .yaml file; default: every method of the table)
+#        recipes/run_${SIZE}.sh --rehearse [METHOD ...] [--corpus DIR [--unpinned]] [--input DOMAIN=PATH ...]
+#        runs this path end to end on CPU in a minute or two, the model and batch shrunk (default methods:
+#        nu du0.5): tokenizer, dense seed, shards, recipe, upcycle, torchrun (EP=2) + resume, lm-eval, into
+#        RUNS/rehearsal/<size>/ (replaced each time); python -m drop_upcycling.rehearse --help for the rest
 # Environment:
 #   DENSE_CKPT   dense seed checkpoint (HF Llama dir)       default runs/dense/$DENSE_NAME
 #   BTX_SOURCES  four dense checkpoints for BTX: seed, ja, en, code (space separated); BTX is skipped without
+#                (a rehearsal makes them from its seed)
 #   RUNS         output root                                default runs
 #   DATA         token shards to train on (drop-upcycling data tokenize; their manifest is checked against the
 #                recipe's model and the dense seed before anything runs)   default: the recipe's data: section
 #   DATA_WEIGHTS their domain mix, e.g. ja=0.5,en=0.4,code=0.1  default: the domains' sizes
 #   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   multi-node rendezvous (torchrun); defaults: one node
 #   GPUS_PER_NODE                                 default: the number of GPUs nvidia-smi lists
+#   REHEARSE_INPUT  --rehearse only: your own documents instead of the built-in corpus, e.g. "ja=a.jsonl en=b.jsonl"
 # Without GPUs (or with --dry-run) it prints the plan instead of running anything.
 set -euo pipefail
 
@@ -26,13 +32,21 @@ PY=${PYTHON:-python}
 RECIPES=("$PY" -m drop_upcycling.recipes)
 BASE="$HERE/configs/${SIZE,,}.yaml"
 
+for arg in "$@"; do  # --rehearse: the rehearsal takes every other argument (drop_upcycling/rehearse.py)
+  if [ "$arg" = --rehearse ]; then
+    REST=()
+    for a in "$@"; do [ "$a" = --rehearse ] || REST+=("$a"); done
+    exec "$PY" -m drop_upcycling.rehearse "$SIZE" --base "$BASE" --dense-name "$DENSE_NAME" ${REST[@]+"${REST[@]}"}
+  fi
+done
+
 DRY_RUN=0
 SELECTED=()
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,21p' "${BASH_SOURCE[0]}"; echo "methods: $("${RECIPES[@]}" --list)"; exit 0 ;;
-    -*) echo "unknown flag: $arg (flags: --dry-run, --help)" >&2; exit 2 ;;
+    -h|--help) sed -n '2,27p' "${BASH_SOURCE[0]}"; echo "methods: $("${RECIPES[@]}" --list)"; exit 0 ;;
+    -*) echo "unknown flag: $arg (flags: --dry-run, --rehearse, --help)" >&2; exit 2 ;;
     *) SELECTED+=("$arg") ;;
   esac
 done

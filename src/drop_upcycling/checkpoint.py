@@ -19,6 +19,15 @@ so transformers loads it like any other. ``trainer/`` holds the AdamW moments un
 (``optimizer-{ep_rank}.safetensors``: any expert-parallel size reloads them; with ``save_dtype: bf16``
 also the fp32 weights, ``<name>.master``, which the rounded shards lack and an exact resume needs),
 each rank's data position and RNG state (``rank-{rank}.json``) and the step (``state.json``).
+
+Under ``zero_stage`` 1 or 2 (:mod:`drop_upcycling.sharding`) the weights are written the same way (a
+bf16 model's fp32 weights gathered from the shards first), and each rank writes its own shards instead
+of ``optimizer-*``: ``trainer/zero-{rank}.safetensors`` with ``<group>.master``, ``<group>.exp_avg``,
+``<group>.exp_avg_sq`` (group ``dense`` or ``experts``), flat, as DeepSpeed writes its partitions. Per
+rank rather than gathered: gathering the moments on one rank would hold them unsharded, which is what
+sharding avoids. ``state.json`` then records the layout (``zero``); such a checkpoint resumes with
+sharding on the same world size and expert-parallel size (refused in one line otherwise), and loads in
+transformers or as ``init:`` like any other.
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ if TYPE_CHECKING:
     from .configs import TrainConfig
     from .data import TokenSequenceReader
     from .parallel import ParallelEnv
+    from .sharding import ZeroSharding
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -614,14 +624,19 @@ def _rank_file(rank: int) -> str:
     return f"{TRAINER}/rank-{rank:05d}.json"
 
 
+def _zero_file(rank: int) -> str:
+    return f"{TRAINER}/zero-{rank:05d}.safetensors"
+
+
 def save_checkpoint(path: Path, step: int, tokens: int, model: CausalLM, optimizer: torch.optim.AdamW,
                     reader: TokenSequenceReader, run: TrainConfig, env: ParallelEnv,
-                    tokenizer_dir: Path | None) -> None:
+                    tokenizer_dir: Path | None, zero: ZeroSharding | None = None) -> None:
     """Write the training checkpoint of ``step`` at ``path``, from all ranks, atomically.
 
     Rank 0 makes the temp dir and tells the others where it is; every rank writes its files
     (:func:`_write_rank_files`); once all are done, rank 0 adds what describes the whole (the index,
-    config.json, the tokenizer, ``state.json``) and renames the temp dir to ``path``.
+    config.json, the tokenizer, ``state.json``) and renames the temp dir to ``path``. ``zero``: the
+    sharded state (``model`` is then the module that runs, whose names and experts the files take).
     """
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(atomic_dir(path, overwrite=True)) if env.is_main else None
@@ -629,14 +644,18 @@ def save_checkpoint(path: Path, step: int, tokens: int, model: CausalLM, optimiz
         if env.is_main:
             (tmp / TRAINER).mkdir()
         env.barrier()
-        _write_rank_files(tmp, model, optimizer, reader, run, env)
+        if zero is None:
+            _write_rank_files(tmp, model, optimizer, reader, run, env)
+        else:
+            _write_sharded_rank_files(tmp, model, optimizer, reader, run, env, zero)
         env.barrier()
         if env.is_main:
             _write_index(tmp, model, run, env, tokenizer_dir)
-            write_json(tmp / TRAINER / "state.json", {
-                "step": step, "tokens": tokens, "world_size": env.world_size, "ep": env.ep_size,
-                "dp": env.dp_size, "run": run.as_dict(),
-            })
+            state = {"step": step, "tokens": tokens, "world_size": env.world_size, "ep": env.ep_size,
+                     "dp": env.dp_size, "run": run.as_dict()}
+            if zero is not None:
+                state["zero"] = {"stage": zero.stage, "groups": zero.layout()}
+            write_json(tmp / TRAINER / "state.json", state)
 
 
 def _write_rank_files(tmp: Path, model: CausalLM, optimizer: torch.optim.AdamW, reader: TokenSequenceReader,
@@ -664,6 +683,22 @@ def _write_rank_files(tmp: Path, model: CausalLM, optimizer: torch.optim.AdamW, 
             moments.update(_hf_tensors(model, params, experts_only, suffix=f".{MASTER}"))
         moments = {n: t.detach().contiguous().cpu() for n, t in moments.items()}
         save_file(moments, str(tmp / _optimizer_file(env.ep_rank)))
+    write_json(tmp / _rank_file(env.rank), {"data": reader.state_dict(), "rng": _rng_state()})
+
+
+def _write_sharded_rank_files(tmp: Path, model: CausalLM, optimizer: torch.optim.AdamW,
+                              reader: TokenSequenceReader, run: TrainConfig, env: ParallelEnv,
+                              zero: ZeroSharding) -> None:
+    """:func:`_write_rank_files` under sharding: the same weight shards (a bf16 model's fp32 weights
+    gathered from the shards, by every rank), and every rank's shards of the optimizer state."""
+    save_dtype = torch.bfloat16 if run.save_dtype == "bf16" else torch.float32
+    weights = zero.full_weights(model, save_dtype)
+    if env.dp_rank == 0:
+        tensors = {n: t.detach().to(save_dtype).contiguous().cpu()
+                   for n, t in _hf_tensors(model, weights, experts_only=not env.is_main)}
+        save_file(tensors, str(tmp / _shard_file(env.ep_rank, env.ep_size)), metadata={"format": "pt"})
+    del weights
+    save_file(zero.state(optimizer), str(tmp / _zero_file(env.rank)))
     write_json(tmp / _rank_file(env.rank), {"data": reader.state_dict(), "rng": _rng_state()})
 
 
@@ -702,8 +737,10 @@ def checkpoint_problem(path: Path) -> str | None:
         return f"is unreadable ({e})"
     if f"step-{step:08d}" != path.name:
         return f"holds step {step}, not the step its name says"
+    optimizer_files = ([_zero_file(r) for r in range(world)] if state.get("zero")
+                       else [_optimizer_file(e) for e in range(ep_size)])
     needed = [*sorted(set(weight_map.values())), "config.json", *(_rank_file(r) for r in range(world)),
-              *(_optimizer_file(e) for e in range(ep_size))]
+              *optimizer_files]
     missing = [name for name in needed if not (path / name).is_file()]
     return f"is incomplete (no {missing[0]})" if missing else None
 
@@ -721,13 +758,43 @@ def training_state(path: Path, world_size: int) -> dict[str, Any]:
     return state
 
 
+def sharding_problem(state: dict[str, Any], zero_stage: int, ep: int) -> str | None:
+    """Why a run with ``zero_stage`` and ``ep`` cannot resume from a checkpoint's ``state.json``, or None.
+
+    A sharded checkpoint holds each rank's shards, cut for its layout: it resumes only sharded, on the
+    same ranks (the world size is :func:`training_state`'s check); an unsharded one only unsharded.
+    """
+    saved = state.get("zero")
+    if saved and not zero_stage:
+        return (f"its optimizer state is sharded over its ranks (zero_stage {saved['stage']}): resume with "
+                "zero_stage 1 or 2")
+    if zero_stage and not saved:
+        return "its optimizer state is not sharded (zero_stage 0): resume with zero_stage 0"
+    if saved and state["ep"] != ep:
+        return (f"its optimizer state is sharded for ep {state['ep']} (dp {state['dp']}): resume with ep "
+                f"{state['ep']}, or use it as init:")
+    return None
+
+
 def load_checkpoint(path: Path, model: CausalLM, optimizer: torch.optim.AdamW, reader: TokenSequenceReader,
-                    env: ParallelEnv) -> dict[str, Any]:
-    """Restore weights, AdamW moments (any EP size), and this rank's data position and RNG; return
-    ``state.json``."""
+                    env: ParallelEnv, zero: ZeroSharding | None = None, fused: bool = False) -> dict[str, Any]:
+    """Restore weights, AdamW moments (any EP size unless sharded), and this rank's data position and
+    RNG; return ``state.json``. ``zero``: restore this rank's shards into it instead (``fused``: AdamW's
+    fused kernel, which keeps its step count on the parameters' device)."""
     state = training_state(path, env.world_size)
-    load_state_into(model, CheckpointReader(path))
-    _load_moments(path / TRAINER, model, optimizer, state["step"])  # and the fp32 weights, when kept there
+    problem = sharding_problem(state, zero.stage if zero is not None else 0, env.ep_size)
+    if problem:
+        raise UserError(f"cannot resume from {path}: {problem}")
+    if zero is None:
+        load_state_into(model, CheckpointReader(path))
+        _load_moments(path / TRAINER, model, optimizer, state["step"])  # and the fp32 weights, when kept there
+    else:
+        if state["zero"]["groups"] != zero.layout():
+            raise UserError(f"cannot resume from {path}: its shards were cut from {state['zero']['groups']}, "
+                            f"this run's from {zero.layout()}")
+        with safe_open(str(path / _zero_file(env.rank)), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
+        zero.load_state(tensors, optimizer, state["step"], fused)
     rank_state = json.loads((path / _rank_file(env.rank)).read_text())
     reader.load_state_dict(rank_state["data"])
     _set_rng_state(rank_state["rng"])

@@ -24,6 +24,7 @@ AUX_LOSS_MODES = ("global", "per_layer")  # ModelConfig.aux_loss_mode: how the l
 # TrainConfig.aux_loss_scope: which tokens the balance loss's routing fractions count (see causal_lm_loss).
 AUX_LOSS_SCOPES = ("global_batch", "micro_batch")
 PARAM_DTYPES = ("fp32", "bf16")  # TrainConfig.param_dtype
+ZERO_STAGES = (0, 1, 2)  # TrainConfig.zero_stage (drop_upcycling.sharding)
 
 
 # ============================================================================ validation
@@ -531,6 +532,14 @@ class TrainConfig:
     # First warmup lr: None warms up from lr / warmup_steps at step 0 (reaching lr at step warmup_steps - 1);
     # a value v starts at v and reaches lr at step warmup_steps (moe-recipes' WarmupCosineAnnealingLR, v = min_lr).
     warmup_start_lr: float | None = None
+    # Memory (drop_upcycling.sharding; the plan: drop_upcycling.memory). zero_stage: what data parallelism
+    # replicates, sharded over the ranks that replicate it: 0 nothing (every rank holds the AdamW moments and
+    # fp32 weights of all it holds), 1 the AdamW moments and fp32 weights, 2 also the summed gradients.
+    # The same function to fp32 rounding; checkpoints then hold each rank's shard.
+    zero_stage: int = 0
+    # Recompute each decoder layer in the backward (torch.utils.checkpoint, non-reentrant): the forward
+    # keeps only the layers' inputs, for a second forward's compute. The same function.
+    activation_checkpointing: bool = False
     ep: int = 1
     dtype: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU (bf16 wherever param_dtype is bf16)
     out: str = "runs/train"
@@ -572,6 +581,8 @@ class TrainConfig:
             raise UserError(f"param_dtype must be {' or '.join(PARAM_DTYPES)}, got {self.param_dtype!r}")
         if self.param_dtype == "bf16" and self.dtype == "fp32":
             raise UserError("param_dtype bf16 computes in bf16: set dtype to bf16 or auto, not fp32")
+        if self.zero_stage not in ZERO_STAGES:
+            raise UserError(f"zero_stage must be 0, 1 or 2, got {self.zero_stage!r}")
         if self.warmup_start_lr is not None and self.warmup_start_lr > self.lr:
             raise UserError(f"need warmup_start_lr <= lr, got warmup_start_lr={self.warmup_start_lr}, lr={self.lr}")
         if self.save_dtype not in ("fp32", "bf16"):
@@ -653,6 +664,7 @@ TRAIN_SPECS: dict[str, Spec] = {
     "keep_last": POSITIVE_INT, "save_dtype": TEXT, "tensorboard": BOOL, "nodes": POSITIVE_INT,
     "gpus_per_node": POSITIVE_INT, "method": _optional(TEXT), "adamw_impl": TEXT,
     "aux_loss_scope": TEXT, "weight_decay_1d": BOOL, "param_dtype": TEXT, "warmup_start_lr": _optional(NON_NEGATIVE),
+    "zero_stage": COUNT, "activation_checkpointing": BOOL,
     "heldout_every_tokens": COUNT, "heldout_sequences": POSITIVE_INT,
 }
 # ``data:`` reads either token shards built by ``drop-upcycling data tokenize`` (``shards``, checked

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .configs import AUX_LOSS_SCOPES, ModelConfig
 from .moe import Dispatcher, SparseMoeBlock, load_balancing_loss, router_z_loss
@@ -243,6 +244,14 @@ class CausalLM(nn.Module):
 
     ``num_local``/``expert_offset`` hold a slice of the experts (expert parallelism; default: all);
     ``dispatcher`` replaces the single-device token grouping.
+
+    ``activation_checkpointing`` (the trainer's key of that name): each decoder layer runs under
+    ``torch.utils.checkpoint`` (non-reentrant) when gradients are recorded, so the forward keeps only
+    the layers' inputs and the backward recomputes one layer at a time. Recomputing an MoE layer runs
+    its all-to-alls again; every rank recomputes the same layers in the same order (the backward's
+    order, which the graph fixes and the ranks share), so the collectives pair up. The recomputation
+    must reproduce the forward's routing: torch checks the recomputed tensors' shapes and refuses
+    otherwise (a nondeterministic GPU kernel that changed a top-k choice), rather than mismatch silently.
     """
 
     def __init__(self, cfg: ModelConfig, num_local: int | None = None, expert_offset: int = 0,
@@ -253,6 +262,7 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.activation_checkpointing = False
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 return_expert_ids: bool = False) -> CausalLMOutput:
@@ -262,8 +272,12 @@ class CausalLM(nn.Module):
         cos, sin = rotary_cos_sin(input_ids.shape[1], cfg.head_dim, cfg.rope_theta, input_ids.device)
         sin_signed = signed_sin(sin)
         router_logits, expert_ids = [], []
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for layer in self.model.layers:
-            x, routing = layer(x, cos, sin_signed)
+            if recompute:
+                x, routing = checkpoint(layer, x, cos, sin_signed, use_reentrant=False)
+            else:
+                x, routing = layer(x, cos, sin_signed)
             if routing is not None:
                 router_logits.append(routing.logits_TE)
                 if return_expert_ids:

@@ -10,6 +10,10 @@ the loss each rank back-propagates is :func:`drop_upcycling.model.causal_lm_loss
   ranks with the same expert-parallel index) and divided by the number of data ranks, because the
   all-to-all backward already summed the contributions of the ``ep_size`` ranks that sent tokens.
 
+Those two groups are also what :mod:`drop_upcycling.sharding` (``zero_stage`` >= 1) shards the optimizer
+state over: it replaces :func:`reduce_gradients` and :func:`clip_gradients` by a reduce-scatter per group and
+a norm over the shards, with the same scale and the same clipping (:func:`clip_coefficient`).
+
 nanotron 0.4 hard-codes CUDA in ``ParallelContext.set_device`` and refuses to create the default
 group without a GPU, so on CPU we create the gloo default group ourselves first and override only
 ``set_device``; everything else (group construction, rank layout) is nanotron's code unchanged.
@@ -249,12 +253,20 @@ def clip_gradients(model: torch.nn.Module, env: ParallelEnv, max_norm: float) ->
     if env.ep_size > 1:
         dist.all_reduce(expert_sq, group=env.expert_pg)
     total = float((dense_sq + expert_sq).sqrt())
-    if max_norm > 0:
-        coef = max_norm / (total + 1e-6)
-        if coef < 1.0:
-            for p in model.parameters():
-                p.grad.mul_(coef)
+    coef = clip_coefficient(total, max_norm)
+    if coef is not None:
+        for p in model.parameters():
+            p.grad.mul_(coef)
     return total
+
+
+def clip_coefficient(total: float, max_norm: float) -> float | None:
+    """What clipping multiplies the gradients by, or None when their global norm ``total`` is within
+    ``max_norm`` (0: measure only); shared by the unsharded and the sharded step."""
+    if max_norm <= 0:
+        return None
+    coef = max_norm / (total + 1e-6)
+    return coef if coef < 1.0 else None
 
 
 def all_reduce_mean(values: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

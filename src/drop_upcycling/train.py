@@ -9,12 +9,16 @@ A step (:meth:`Trainer.train_step`): ``accum`` micro-batches forward/backward, g
 over the two groups, clipping by the global norm, AdamW (FACTS.md §4: betas 0.9/0.95, eps 1e-8,
 weight decay 0.1 on matrices, and on norm weights with ``weight_decay_1d``), linear warmup then cosine
 to ``min_lr``. With ``param_dtype: bf16`` the model holds bf16 weights and AdamW updates an fp32
-master copy (:class:`MasterWeights`). One JSON line per step goes to ``OUT/metrics.jsonl``.
+master copy (:class:`MasterWeights`). ``zero_stage`` 1 or 2 shards the AdamW state, the fp32 weights
+(and at 2 the summed gradients) over the ranks that replicate them (:mod:`drop_upcycling.sharding`);
+``activation_checkpointing`` recomputes each decoder layer in the backward. One JSON line per step
+goes to ``OUT/metrics.jsonl``.
 
 Checkpoints go to ``OUT/checkpoints/step-XXXXXXXX`` with a ``latest`` pointer, keeping the last K;
 each is an HF model plus the trainer's state, in the format :mod:`drop_upcycling.checkpoint` writes
 and reads (:func:`~drop_upcycling.checkpoint.save_checkpoint`). ``--dry-run`` prints the plan of
-:mod:`drop_upcycling.memory` (layout, memory per GPU, FLOPs) instead of training.
+:mod:`drop_upcycling.memory` (layout, peak memory per GPU, FLOPs; ``--format json``: one JSON object)
+instead of training.
 
 The run folder holds one run: rank 0 claims it (:func:`drop_upcycling.fsio.claim`) for the whole
 run, a folder with history is only continued (``--resume``, from the newest complete checkpoint,
@@ -48,7 +52,14 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
-from .checkpoint import checkpoint_problem, load_checkpoint, load_model, save_checkpoint, training_state
+from .checkpoint import (
+    checkpoint_problem,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+    sharding_problem,
+    training_state,
+)
 from .configs import ModelConfig, TrainConfig
 from .errors import UserError
 from .fsio import claim, make_parent, remove_orphans, truncate_jsonl, write_json, write_text, writing
@@ -65,6 +76,7 @@ from .parallel import (
     reduce_gradients,
     validate_layout,
 )
+from .sharding import ZeroSharding
 
 if TYPE_CHECKING:
     from .data import TokenSequenceReader
@@ -174,6 +186,12 @@ def build_optimizer(model: torch.nn.Module, run: TrainConfig) -> torch.optim.Ada
     """
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return adamw(decay, no_decay, run)
+
+
+def adamw(decay: list[torch.Tensor], no_decay: list[torch.Tensor], run: TrainConfig) -> torch.optim.AdamW:
+    """:func:`build_optimizer`'s AdamW over tensors already split by weight decay (matrices, 1-D
+    parameters); the sharded step passes the pieces of its shard (:mod:`drop_upcycling.sharding`)."""
     decay_1d = run.weight_decay if run.weight_decay_1d else 0.0
     groups = [{"params": decay, "weight_decay": run.weight_decay}, {"params": no_decay, "weight_decay": decay_1d}]
     impl = {"fused": {"fused": True}, "loop": {"foreach": False, "fused": False}}[run.adamw_impl]
@@ -213,11 +231,7 @@ class MasterWeights:
 
     def __init__(self, master: CausalLM, env: ParallelEnv) -> None:
         self.master = master
-        with torch.device("meta"):
-            model = CausalLM(master.config, **_expert_slice(master.config, env))
-        self.model = model.to_empty(device=env.device).to(torch.bfloat16)
-        if master.config.tie_word_embeddings:
-            self.model.lm_head.weight = self.model.model.embed_tokens.weight
+        self.model = empty_bf16_model(master.config, env)
         self.round_to_model()
 
     @torch.no_grad()
@@ -236,6 +250,16 @@ class MasterWeights:
             else:
                 m.grad.add_(p.grad)
             p.grad = None
+
+
+def empty_bf16_model(cfg: ModelConfig, env: ParallelEnv) -> CausalLM:
+    """This rank's model in bf16, its weights not yet set (the caller copies them from an fp32 master)."""
+    with torch.device("meta"):
+        model = CausalLM(cfg, **_expert_slice(cfg, env))
+    model = model.to_empty(device=env.device).to(torch.bfloat16)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
 
 
 # ============================================================================ the loop
@@ -275,19 +299,39 @@ class Trainer:
         if env.device.type == "cpu":
             reuse_freed_memory()
         torch.manual_seed(run.seed + env.rank)
-        # self.master: the weights AdamW updates and checkpoints hold; self.model: the module that runs.
-        # The same module unless param_dtype is bf16.
-        self.master = build_model(self.cfg, run, env)
-        self.bf16 = MasterWeights(self.master, env) if run.param_dtype == "bf16" else None
-        self.model = self.bf16.model if self.bf16 is not None else self.master
-        self.optimizer = build_optimizer(self.master, run)
+        self._build_weights()
+        self.model.activation_checkpointing = run.activation_checkpointing
         self.step, self.tokens = 0, 0
         self.autocast = _autocast(run, env)
         if resume_from is not None:
             self._resume(resume_from)
 
+    def _build_weights(self) -> None:
+        """The model, the weights AdamW updates, and AdamW.
+
+        ``self.model`` is the module that runs; ``self.master`` the fp32 weights AdamW updates and
+        checkpoints hold, the same module unless ``param_dtype`` is bf16 (:class:`MasterWeights`). Under
+        ``zero_stage`` >= 1 the fp32 weights AdamW updates are this rank's shards (``self.zero``,
+        :class:`~drop_upcycling.sharding.ZeroSharding`) and ``self.master`` is None: a bf16 model's full
+        fp32 copy, built to start from, is let go once its shards are taken.
+        """
+        run, env = self.run, self.env
+        self.master: CausalLM | None = build_model(self.cfg, run, env)
+        self.bf16: MasterWeights | None = None
+        self.zero: ZeroSharding | None = None
+        if run.zero_stage:
+            self.model = empty_bf16_model(self.cfg, env) if run.param_dtype == "bf16" else self.master
+            self.zero = ZeroSharding(self.model, self.master, env, run.zero_stage)
+            self.master = None
+            self.optimizer = adamw(*self.zero.param_groups(), run)
+            return
+        self.bf16 = MasterWeights(self.master, env) if run.param_dtype == "bf16" else None
+        self.model = self.bf16.model if self.bf16 is not None else self.master
+        self.optimizer = build_optimizer(self.master, run)
+
     def _resume(self, path: Path) -> None:
-        state = load_checkpoint(path, self.master, self.optimizer, self.reader, self.env)
+        state = load_checkpoint(path, self.master if self.zero is None else self.model, self.optimizer, self.reader,
+                                self.env, zero=self.zero, fused=self.run.adamw_impl == "fused")
         if self.bf16 is not None:
             self.bf16.round_to_model()
         self.step, self.tokens = state["step"], state["tokens"]
@@ -308,7 +352,8 @@ class Trainer:
 
         The phases are labelled for ``torch.profiler`` (:data:`STEP_PHASES`; benchmarks/bench_train.py
         reads them): ``forward`` (model and loss), ``backward``, ``gradients`` (reduction and clipping),
-        ``optimizer``, ``metrics``.
+        ``optimizer``, ``metrics``. Under ``zero_stage`` >= 1 the reduction, clipping and update are
+        :class:`~drop_upcycling.sharding.ZeroSharding`'s, on this rank's shards.
         """
         run, env, cfg = self.run, self.env, self.cfg
         lr = lr_at(self.step, run)
@@ -328,16 +373,24 @@ class Trainer:
                 (losses.loss / self.accum).backward()
                 if self.bf16 is not None:
                     self.bf16.accumulate_grads()
+                if self.zero is not None:
+                    self.zero.after_backward()
             aux = losses.aux_loss if losses.aux_loss is not None else torch.zeros((), device=env.device)
             sums += torch.stack([losses.loss.detach(), losses.lm_loss.detach(), aux.detach()]).double()
             for layer, ids_TK in enumerate(out.expert_ids):
                 counts[layer] += torch.bincount(ids_TK.reshape(-1), minlength=cfg.num_experts).double()
         with record_function("gradients"):
-            reduce_gradients(self.master, env)
-            grad_norm = clip_gradients(self.master, env, run.grad_clip)
+            if self.zero is not None:
+                grad_norm = self.zero.reduce_and_clip(run.grad_clip)
+            else:
+                reduce_gradients(self.master, env)
+                grad_norm = clip_gradients(self.master, env, run.grad_clip)
         with record_function("optimizer"):
             self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            if self.zero is not None:
+                self.zero.publish()  # the shards' gradients stay where they are (views), cleared there
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
             if self.bf16 is not None:
                 self.bf16.round_to_model()
         with record_function("metrics"):
@@ -402,8 +455,8 @@ class Trainer:
     def save(self) -> Path:
         """Checkpoint the current step from all ranks; rank 0 then points ``latest`` at it and prunes."""
         path = checkpoint_dir(self.out, self.step)
-        save_checkpoint(path, self.step, self.tokens, self.master, self.optimizer, self.reader, self.run, self.env,
-                        self.tokenizer_dir)
+        save_checkpoint(path, self.step, self.tokens, self.master if self.zero is None else self.model, self.optimizer,
+                        self.reader, self.run, self.env, self.tokenizer_dir, zero=self.zero)
         if self.env.is_main:
             _set_latest(self.out, path)
             _prune(self.out, self.run.keep_last)
@@ -506,8 +559,10 @@ def _prune(out: Path, keep_last: int) -> None:
 
 HISTORY = (METRICS, RUN_JSON, CHECKPOINTS, "tensorboard")
 # Run fields that do not change what the run computes: where it is written, how often it saves, the
-# expert-parallel layout (same function to fp32 rounding), the plan-only sizes; init is only read at step 0.
-_FREE_FIELDS = {"out", "save_every", "keep_last", "ep", "nodes", "gpus_per_node", "tensorboard", "init"}
+# expert-parallel layout (same function to fp32 rounding), the plan-only sizes, recomputing activations;
+# init is only read at step 0. (zero_stage is not one: it changes what a checkpoint holds.)
+_FREE_FIELDS = {"out", "save_every", "keep_last", "ep", "nodes", "gpus_per_node", "tensorboard", "init",
+                "activation_checkpointing"}
 _FREE_DATA_FIELDS = {"corpus", "cache_dir"}  # locations: the corpus itself is checked by sha256
 
 
@@ -592,6 +647,9 @@ def prepare_run_dir(out: Path, run: TrainConfig, world: int, resume: bool, resta
         log.info("nothing to resume in %s: starting from step 0", out)
         return None, None
     state = training_state(path, world)
+    problem = sharding_problem(state, run.zero_stage, run.ep)
+    if problem:
+        raise UserError(f"cannot resume from {path}: {problem}")
     changes = config_changes(state.get("run", {}), run.as_dict())
     if changes and not allow_change:
         listed = ", ".join(f"{k} {v['from']!r} -> {v['to']!r}" for k, v in changes.items())
@@ -629,6 +687,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the plan (layout, memory, FLOPs) and exit")
     parser.add_argument("--nodes", type=int, help="nodes (plan only; torchrun decides the real world size)")
     parser.add_argument("--gpus-per-node", type=int, dest="gpus_per_node", help="GPUs per node (plan only)")
+    parser.add_argument("--format", choices=("text", "json"), default="text",
+                        help="--dry-run: the plan as text (default) or as one JSON object")
 
 
 def load_run(args: argparse.Namespace) -> TrainConfig:
@@ -642,7 +702,8 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         from .memory import format_plan, plan
 
-        print(format_plan(plan(train_run)))
+        p = plan(train_run)
+        print(json.dumps(p) if args.format == "json" else format_plan(p))
         return 0
     if args.nproc is not None:
         return launch(args)

@@ -33,11 +33,22 @@ def _launcher_env(tmp_path: Path) -> dict[str, str]:
             "TOKENIZERS_PARALLELISM": "false"}
 
 
+TIMEOUT_S = 900  # a hang guard: a rehearsal takes about a minute on 2 idle cores
+
+
 def _launch(size: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run a launcher; past the timeout it gets SIGTERM (the rehearsal then stops torchrun and its ranks)."""
     ignored = ("DROP_UPCYCLING_CORPUS", "REHEARSE_INPUT", "DATA", "DATA_WEIGHTS", "DENSE_CKPT", "BTX_SOURCES")
     env = {k: v for k, v in _launcher_env(tmp_path).items() if k not in ignored}
-    return subprocess.run(["bash", str(REPO / "recipes" / f"run_{size}.sh"), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    cmd = ["bash", str(REPO / "recipes" / f"run_{size}.sh"), *args]
+    with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            out, err = proc.communicate(timeout=60)
+            pytest.fail(f"{' '.join(cmd)} ran past {TIMEOUT_S} s:\n{out[-3000:]}{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 # ============================================================================ the launchers, end to end

@@ -29,7 +29,7 @@ import yaml
 from conftest import REPO
 from test_train import _finish, _metrics, _torchrun
 
-from drop_upcycling.checkpoint import checkpoint_problem
+from drop_upcycling.checkpoint import checkpoint_problem, load_model
 from drop_upcycling.configs import MODEL_CONFIGS, TrainConfig
 from drop_upcycling.errors import UserError
 from drop_upcycling.memory import GIB, plan
@@ -180,19 +180,19 @@ def test_sharded_checkpoint_resumes_bitwise_and_is_an_hf_folder(tmp_path: Path) 
                                                                                "zero-00001.safetensors"]
         assert not list((ckpt / "trainer").glob("optimizer-*"))
 
-        # A plain HF folder: transformers reads the fp32 master itself (or its bf16 rounding).
-        hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).state_dict()
+        # A plain HF folder holding the fp32 master itself (or its bf16 rounding), which transformers loads.
+        ours = load_model(ckpt).eval()
+        held = dict(ours.named_parameters())
         dtype = torch.bfloat16 if save_dtype == "bf16" else torch.float32
         local = CFG.num_experts // 2
         for rank in range(2):
             for name, w in torch.load(tmp_path / f"{tag}-weights-{rank}.pt").items():
-                if ".experts." in name:
-                    prefix, matrix = name.rsplit(".", 1)
-                    for e in range(local):
-                        got = hf[f"{prefix}.{rank * local + e}.{matrix}.weight"]
-                        assert torch.equal(got, w[e].to(dtype).float()), (tag, name, e)
-                else:
-                    assert torch.equal(hf[name], w.to(dtype).float()), (tag, name)
+                want = held[name][rank * local:(rank + 1) * local] if ".experts." in name else held[name]
+                assert torch.equal(want, w.to(dtype).float()), (tag, name)
+        hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+        ids = torch.randint(0, CFG.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            torch.testing.assert_close(hf(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)
 
         # Resuming it unsharded, or sharded for another layout, is refused in one line.
         for changes, message in (({"zero_stage": 0}, "sharded over its ranks .* resume with zero_stage 1 or 2"),

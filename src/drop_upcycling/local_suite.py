@@ -47,6 +47,10 @@ LOCAL_SIZES: dict[str, LocalSize] = {
     # Minutes for a 152M model on a GPU: enough items for differences of a few points to show.
     # (Contexts of 256 characters: most C4 test documents are shorter than 512.)
     "default": LocalSize(ppl_docs=200, ppl_max_chars=4000, cloze_items=250, context_chars=256, continuation_chars=64),
+    # The default's items with short choices, for models with a short context and a small vocabulary
+    # (the CPU study: 128 positions, 512 ids, where 64 Japanese characters can exceed 128 tokens and
+    # lm-eval refuses a continuation longer than the model's context; contexts are cut from the left).
+    "short": LocalSize(ppl_docs=200, ppl_max_chars=4000, cloze_items=250, context_chars=128, continuation_chars=24),
 }
 
 

@@ -136,7 +136,7 @@ SCALES: dict[str, Scale] = {
                "max_position_embeddings": 128},
         vocab_size=512, seq_len=128, global_batch_tokens=4096, micro_batch_size=32,
         pretrain_steps=4100, pretrain_lr=3e-3, moe_steps=2050, moe_lr=2e-3, seeds=(0, 1, 2),
-        eval_size="default", eval_limit=30, routing_tokens=16384, dense_step_s=0.14, moe_step_s=0.30,
+        eval_size="short", eval_limit=30, routing_tokens=16384, dense_step_s=0.19, moe_step_s=0.28,
         methods=("FS", "NU", "RNU-0.5", "DU-0.5"), weights=None, procs=1, jobs=2,
         pretrain_warmup=0.01, moe_warmup=0.01, single_seed=("FS", "RNU-0.5", "dense"),
         heldout_every_tokens=128 * 4096, heldout_sequences=64,

@@ -86,7 +86,7 @@ class Scale:
     methods: tuple[str, ...] = ("FS", "NU", "RNU-0.5", "DU-0.5", "DU-1.0")  # keys of the method table
     # torch's fused AdamW (TrainConfig.adamw_impl): the optimizer 3x faster, the full-scale MoE step ~6%
     # (benchmarks/bench_train.py); equal to the per-tensor loop to fp32 rounding, not bitwise, so runs
-    # made before it (reports/cpu_reproduction, trained with "loop") are not reproduced bit for bit.
+    # made with "loop" are not reproduced bit for bit by "fused".
     adamw_impl: str = "fused"
     # The domain mix; None = the domains' sizes (every token of the corpus equally often).
     weights: dict[str, float] | None = field(default_factory=lambda: dict.fromkeys(DOMAINS, 0.25))

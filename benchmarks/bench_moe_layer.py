@@ -39,7 +39,7 @@ from drop_upcycling.configs import MODEL_CONFIGS
 from drop_upcycling.moe import SparseMoeBlock, auto_kernel
 
 IMPLEMENTATIONS = ("ceiling", "ours_loop", "ours_grouped", "hf_grouped_mm", "hf_eager")
-# Layer shapes: the paper's smallest MoE, and the CPU study's model (reports/cpu_reproduction, smoke.py).
+# Layer shapes: the paper's smallest MoE, and the main job's full-scale model (smoke.py).
 SHAPES = {
     "8x152m": MODEL_CONFIGS["moe-8x152m"],
     "cpu-study": MODEL_CONFIGS["tiny-moe"].replace(name="cpu-study", hidden_size=128, intermediate_size=512,

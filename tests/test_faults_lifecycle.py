@@ -363,8 +363,11 @@ sys.exit(main(sys.argv[1:]))
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=["TERM", "INT", "KILL"])
 def test_a_stopped_upcycle_leaves_nothing_for_long(sig: signal.Signals, tiny_dense_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
+    # A runner that starts the suite in the background (`cmd &` without job control) passes SIGINT on
+    # ignored, and Python then installs no KeyboardInterrupt handler: give the child the default back.
     proc = subprocess.Popen([sys.executable, "-c", _SLOW_UPCYCLE, *_held_upcycle(tiny_dense_dir, out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout.readline().strip() == "writing", proc.stderr.read()
     assert any(".tmp-" in name for name in _leftovers(tmp_path))
     proc.send_signal(sig)

@@ -63,6 +63,25 @@ def real_corpus() -> Path:
     return path
 
 
+class RandomTokens:
+    """A resumable reader of random token batches for trainer tests: batch i of a rank depends only on
+    (rank, i), so a resumed run reads what the uninterrupted one read."""
+
+    def __init__(self, rank: int, vocab_size: int, seq_len: int) -> None:
+        self.rank, self.vocab_size, self.seq_len, self.drawn = rank, vocab_size, seq_len, 0
+
+    def next_batch(self, batch_size: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(1000 * self.rank + self.drawn)
+        self.drawn += 1
+        return torch.randint(0, self.vocab_size, (batch_size, self.seq_len), generator=gen)
+
+    def state_dict(self) -> dict:
+        return {"drawn": self.drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.drawn = state["drawn"]
+
+
 def random_model(cfg: ModelConfig | str, seed: int = 0, varied_norms: bool = False) -> CausalLM:
     """A :class:`CausalLM` with the keyed from-scratch init of ``seed`` (``cfg``: a config or a registered name).
 

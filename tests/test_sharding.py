@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import yaml
-from conftest import REPO
+from conftest import REPO, RandomTokens
 from test_train import _finish, _metrics, _torchrun
 
 from drop_upcycling.checkpoint import checkpoint_problem, load_model
@@ -46,22 +46,9 @@ RUN = {"model": {"base": "tiny-moe", "vocab_size": 128, "num_hidden_layers": 2},
 STEPS = 4
 
 
-class Tokens:
-    """A resumable reader of random token batches: batch i of a rank depends only on (rank, i)."""
-
-    def __init__(self, rank: int) -> None:
-        self.rank, self.drawn = rank, 0
-
-    def next_batch(self, batch_size: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(1000 * self.rank + self.drawn)
-        self.drawn += 1
-        return torch.randint(0, CFG.vocab_size, (batch_size, RUN["seq_len"]), generator=gen)
-
-    def state_dict(self) -> dict:
-        return {"drawn": self.drawn}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.drawn = state["drawn"]
+def tokens(rank: int) -> RandomTokens:
+    """This file's model and sequence length."""
+    return RandomTokens(rank, CFG.vocab_size, RUN["seq_len"])
 
 
 def _steps(trainer: Trainer, n: int) -> list[tuple[float, float]]:
@@ -86,13 +73,13 @@ def _fp32_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
 def _equivalence_worker(ep: int) -> None:
     env = init_parallel(ep_size=ep, num_experts=CFG.num_experts)
     for param_dtype in ("fp32", "bf16"):
-        ref = Trainer(TrainConfig.from_mapping({**RUN, "param_dtype": param_dtype}), env, reader=Tokens(env.rank))
+        ref = Trainer(TrainConfig.from_mapping({**RUN, "param_dtype": param_dtype}), env, reader=tokens(env.rank))
         ref_steps = _steps(ref, STEPS)
         ref_weights = _fp32_weights(ref)
         assert any(norm > RUN["grad_clip"] for _, norm in ref_steps)  # the clipping path runs
         for stage in (1, 2):
             run = TrainConfig.from_mapping({**RUN, "param_dtype": param_dtype, "zero_stage": stage})
-            trainer = Trainer(run, env, reader=Tokens(env.rank))
+            trainer = Trainer(run, env, reader=tokens(env.rank))
             assert trainer.master is None and trainer.bf16 is None
             expected = torch.bfloat16 if param_dtype == "bf16" else torch.float32
             assert all(p.dtype == expected for p in trainer.model.parameters())
@@ -149,14 +136,14 @@ def _resume_worker(root: str) -> None:
         tag = f"{param_dtype}-{stage}-{save_dtype}"
         run = TrainConfig.from_mapping({**RUN, "param_dtype": param_dtype, "zero_stage": stage, "ep": 2,
                                         "save_dtype": save_dtype, "out": f"{root}/{tag}"})
-        straight = Trainer(run, env, reader=Tokens(env.rank))
+        straight = Trainer(run, env, reader=tokens(env.rank))
         losses = _steps(straight, STEPS)
-        first = Trainer(run, env, reader=Tokens(env.rank))
+        first = Trainer(run, env, reader=tokens(env.rank))
         head = _steps(first, 2)
         path = first.save()
         torch.save(_fp32_weights(first), f"{root}/{tag}-weights-{env.rank}.pt")  # what the HF shards must hold
         del first  # stopped: nothing of it survives but the checkpoint
-        second = Trainer(run, env, resume_from=path, reader=Tokens(env.rank))
+        second = Trainer(run, env, resume_from=path, reader=tokens(env.rank))
         assert head + _steps(second, 2) == losses, tag  # bitwise
         for (name, a), b in zip(_fp32_weights(second).items(), _fp32_weights(straight).values(), strict=True):
             assert torch.equal(a, b), (tag, name)
@@ -260,7 +247,7 @@ def _checkpointing_worker() -> None:
     # Through the trainer (bf16 weights, sharded): the same losses with recomputation on.
     runs = [TrainConfig.from_mapping({**RUN, "ep": 2, "param_dtype": "bf16", "zero_stage": 1,
                                       "activation_checkpointing": on}) for on in (False, True)]
-    plain, recomputed = (_steps(Trainer(run, env, reader=Tokens(env.rank)), 2) for run in runs)
+    plain, recomputed = (_steps(Trainer(run, env, reader=tokens(env.rank)), 2) for run in runs)
     for (a, _), (b, _) in zip(recomputed, plain, strict=True):
         assert a == pytest.approx(b, rel=1e-6, abs=0)
 

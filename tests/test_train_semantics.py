@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import REPO, random_model
+from conftest import REPO, RandomTokens, random_model
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from drop_upcycling import train as train_mod
@@ -39,22 +39,9 @@ AUTHORS = {"aux_loss_scope": "micro_batch", "weight_decay_1d": True, "param_dtyp
 OURS = {"aux_loss_scope": "global_batch", "weight_decay_1d": False, "param_dtype": "fp32", "warmup_start_lr": None}
 
 
-class Tokens:
-    """A resumable reader of random token batches: batch i of a rank depends only on (rank, i)."""
-
-    def __init__(self, rank: int) -> None:
-        self.rank, self.drawn = rank, 0
-
-    def next_batch(self, batch_size: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(1000 * self.rank + self.drawn)
-        self.drawn += 1
-        return torch.randint(0, CFG.vocab_size, (batch_size, RUN["seq_len"]), generator=gen)
-
-    def state_dict(self) -> dict:
-        return {"drawn": self.drawn}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.drawn = state["drawn"]
+def tokens(rank: int) -> RandomTokens:
+    """This file's model and sequence length."""
+    return RandomTokens(rank, CFG.vocab_size, RUN["seq_len"])
 
 
 # ---------------------------------------------------------------------------- the keys and the recipes
@@ -190,7 +177,7 @@ def _scope_worker() -> None:
     train_mod.causal_lm_loss = spy
     for scope in ("micro_batch", "global_batch"):
         seen.clear()
-        trainer = Trainer(TrainConfig.from_mapping({**RUN, "aux_loss_scope": scope}), env, reader=Tokens(rank))
+        trainer = Trainer(TrainConfig.from_mapping({**RUN, "aux_loss_scope": scope}), env, reader=tokens(rank))
         stats = trainer.train_step()
         assert len(seen) == trainer.accum and all(s == scope for s, _, _ in seen)
         if scope == "micro_batch":
@@ -229,7 +216,7 @@ def _steps(trainer: Trainer, n: int) -> list[float]:
 def _bf16_worker(root: str) -> None:
     env = init_parallel(ep_size=2, num_experts=CFG.num_experts)
     trainer = Trainer(TrainConfig.from_mapping({**BF16_RUN, "out": f"{root}/straight"}), env,
-                      reader=Tokens(env.rank))
+                      reader=tokens(env.rank))
     assert next(trainer.model.parameters()).dtype == torch.bfloat16
     start = [m.detach().clone() for m in trainer.master.parameters()]
     # A master that is itself bf16 takes the same updates and rounds after each: this one.
@@ -255,10 +242,10 @@ def _bf16_worker(root: str) -> None:
     for save_dtype in ("fp32", "bf16"):
         out = f"{root}/resumed-{save_dtype}"
         run = TrainConfig.from_mapping({**BF16_RUN, "out": out, "save_dtype": save_dtype})
-        first = Trainer(run, env, reader=Tokens(env.rank))
+        first = Trainer(run, env, reader=tokens(env.rank))
         head = _steps(first, 2)
         path = first.save()
-        second = Trainer(run, env, resume_from=path, reader=Tokens(env.rank))
+        second = Trainer(run, env, resume_from=path, reader=tokens(env.rank))
         _assert_model_is_master_rounded(second)
         assert head + _steps(second, 2) == losses, save_dtype
         for a, b in zip(second.master.parameters(), trainer.master.parameters(), strict=True):

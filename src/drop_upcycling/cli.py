@@ -13,7 +13,7 @@ import importlib
 import logging
 import sys
 
-from .errors import Terminated, UserError, sigterm_raises
+from .errors import run_command
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -63,18 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    try:
-        with sigterm_raises():  # SIGTERM cleans up like Ctrl-C (temp dirs, locks)
-            return int(module.run(args) or 0)
-    except UserError as e:
-        print(f"drop-upcycling {name}: error: {e}", file=sys.stderr)
-        return 2
-    except Terminated:
-        print(f"drop-upcycling {name}: terminated", file=sys.stderr)
-        return Terminated.exit_code
-    except KeyboardInterrupt:
-        print(f"drop-upcycling {name}: interrupted", file=sys.stderr)
-        return 130
+    return run_command(f"drop-upcycling {name}", lambda: module.run(args))
 
 
 if __name__ == "__main__":

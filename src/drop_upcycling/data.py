@@ -546,10 +546,15 @@ def iter_domain_sequences(prepared: PreparedData, split: str, domain: str, seq_l
     """
     if seq_len < 1:
         raise UserError(f"seq_len must be >= 1, got {seq_len}")
-    limit = None if max_tokens is None else max_tokens // seq_len
+    return iter_windows(prepared.shard_files(split, domain), seq_len,
+                        None if max_tokens is None else max_tokens // seq_len)
+
+
+def iter_windows(files: list[Path], seq_len: int, limit: int | None = None) -> Iterator[torch.Tensor]:
+    """Consecutive ``seq_len``-token windows of token ``files`` read as one stream (at most ``limit``)."""
     buf = np.empty(seq_len, dtype=np.int64)
     fill = n = 0
-    for path in prepared.shard_files(split, domain):
+    for path in files:
         tokens, pos = read_shard(path), 0
         while pos < len(tokens):
             if limit is not None and n >= limit:
@@ -650,7 +655,7 @@ def _input_options(group: argparse._ActionsContainer, fractions_default: tuple[f
                        help=f"documents held out for test (default {test or 0})")
 
 
-def _input_specs(specs: list[str]) -> dict[str, str]:
+def input_specs(specs: list[str]) -> dict[str, str]:
     """``DOMAIN=PATH`` arguments by domain, each input checked now, before anything is written."""
     inputs: dict[str, str] = {}
     for spec in specs:
@@ -668,7 +673,7 @@ def _input_specs(specs: list[str]) -> dict[str, str]:
 def _parse_inputs(specs: list[str], text_key: str, limit: int | None, strict: bool = False,
                   hf_split: str = "train") -> dict[str, Iterator[str]]:
     return {domain: _first(read_texts(path, text_key, strict=strict, hf_split=hf_split), limit)
-            for domain, path in _input_specs(specs).items()}
+            for domain, path in input_specs(specs).items()}
 
 
 def _first(texts: Iterator[str], limit: int | None) -> Iterator[str]:
@@ -711,7 +716,7 @@ def _direct_inputs(args: argparse.Namespace) -> DirectInputs | None:
         if given:
             raise UserError(f"{', '.join(options[k] for k in given)} apply to --input")
         return None
-    return DirectInputs(_input_specs(args.input), **given)
+    return DirectInputs(input_specs(args.input), **given)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 
 class UserError(Exception):
@@ -44,3 +45,21 @@ def sigterm_raises() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def run_command(prog: str, body: Callable[[], int | None]) -> int:
+    """Run a command's body under the project's exit policy: SIGTERM cleans up like Ctrl-C
+    (:func:`sigterm_raises`), a :class:`UserError` is one line ``PROG: error: ...`` and exit 2,
+    SIGTERM exits 143 and Ctrl-C 130, each with one line saying so."""
+    try:
+        with sigterm_raises():
+            return int(body() or 0)
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except Terminated:
+        print(f"{prog}: terminated", file=sys.stderr)
+        return Terminated.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130

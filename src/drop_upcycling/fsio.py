@@ -26,6 +26,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -397,3 +398,17 @@ def truncate_jsonl(path: Path, step: int) -> None:
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
     write_text(path, "".join(line + "\n" for line in keep))
+
+
+def jsonable(x: Any) -> Any:
+    """``x`` as strict JSON values: NaN and infinities -> None, numpy scalars -> Python numbers, tuples
+    -> lists, keys -> str (reports and analyses write their numbers through it)."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if type(x).__module__ == "numpy" and hasattr(x, "item"):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x

@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from .configs import ModelConfig
 from .errors import UserError
 
-HELDOUT = "heldout.jsonl"
 HELDOUT_SPLIT = "test"
 
 
@@ -48,19 +47,10 @@ class HeldoutSet:
 
 def windows(files: list[Path], seq_len: int, count: int) -> torch.Tensor:
     """The first ``count`` consecutive ``seq_len``-token windows of ``files`` read as one stream."""
-    from .data import read_shard
+    from .data import iter_windows
 
-    buf = []
-    have = 0
-    for path in files:
-        tokens = torch.from_numpy(read_shard(path).astype("int64"))
-        buf.append(tokens)
-        have += len(tokens)
-        if have >= count * seq_len:
-            break
-    stream = torch.cat(buf) if buf else torch.empty(0, dtype=torch.int64)
-    n = min(count, len(stream) // seq_len)
-    return stream[: n * seq_len].reshape(n, seq_len)
+    rows = list(iter_windows(files, seq_len, count))
+    return torch.stack(rows) if rows else torch.empty(0, seq_len, dtype=torch.int64)
 
 
 def load_heldout(files_by_domain: dict[str, list[Path]], seq_len: int, per_domain: int, rank: int,

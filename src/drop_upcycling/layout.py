@@ -51,6 +51,7 @@ from pathlib import Path
 
 # ---------------------------------------------------------------------------- a training run
 METRICS = "metrics.jsonl"
+HELDOUT = "heldout.jsonl"  # held-out evaluations (drop_upcycling.heldout)
 RUN_JSON = "run.json"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"

@@ -60,7 +60,7 @@ from typing import Any, TypeVar
 import yaml
 
 from .configs import ModelConfig, load_yaml, model_config_from_mapping
-from .errors import Terminated, UserError, sigterm_raises
+from .errors import UserError, run_command
 from .fsio import sha256_file, write_json
 from .layout import CHECKPOINTS, LATEST, METRICS, RUN_JSON, checkpoint_dir
 
@@ -268,19 +268,11 @@ class Options:
 
 
 def parse_inputs(specs: Sequence[str]) -> dict[str, str]:
-    """``DOMAIN=PATH`` items (``--input``, ``$REHEARSE_INPUT``) by domain, each path checked now."""
-    from .data_pipeline import input_files
+    """``DOMAIN=PATH`` items (``--input``, ``$REHEARSE_INPUT``) by domain, each checked now, as
+    ``data tokenize --input`` checks them (the same parser)."""
+    from .data import input_specs
 
-    inputs: dict[str, str] = {}
-    for spec in specs:
-        domain, sep, path = spec.partition("=")
-        if not sep or not domain or not path:
-            raise UserError(f"an input must be DOMAIN=PATH, got {spec!r}")
-        if domain in inputs:
-            raise UserError(f"input domain {domain} given twice")
-        input_files(path)
-        inputs[domain] = path
-    return inputs
+    return input_specs(list(specs))
 
 
 def read_documents(opts: Options) -> dict[str, list[str]]:
@@ -652,32 +644,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m drop_upcycling.rehearse", description=__doc__.splitlines()[0])
     configure_parser(parser)
     args = parser.parse_intermixed_args(argv)  # METHODs may follow options (the launcher puts its own first)
+    return run_command("rehearse", lambda: _rehearse(args))
+
+
+def _rehearse(args: argparse.Namespace) -> int:
+    """The rehearsal of ``args.size``: 0 when every step passed, 1 naming the step that failed."""
     t0 = time.perf_counter()
+    opts = options_from_args(args)
+    if _not_read():
+        print(f"note: the rehearsal makes its own seed and shards; {' and '.join(_not_read())} are not read")
+    rehearsal = Rehearsal(opts)
+    rehearsal.fresh_root()
     try:
-        with sigterm_raises():
-            opts = options_from_args(args)
-            if _not_read():
-                print(f"note: the rehearsal makes its own seed and shards; {' and '.join(_not_read())} are not read")
-            rehearsal = Rehearsal(opts)
-            rehearsal.fresh_root()
-            try:
-                rehearsal.run()
-            except StepFailed:
-                rehearsal.record(passed=False)
-                raise
-            rehearsal.record(passed=True)
-    except UserError as e:
-        print(f"rehearse: error: {e}", file=sys.stderr)
-        return 2
+        rehearsal.run()
     except StepFailed as e:
+        rehearsal.record(passed=False)
         print(f"rehearsal of {args.size} FAILED at step '{e.step}': {e.why}", file=sys.stderr)
         return 1
-    except Terminated:
-        print(f"rehearsal of {args.size}: terminated", file=sys.stderr)
-        return Terminated.exit_code
-    except KeyboardInterrupt:
-        print(f"rehearsal of {args.size}: interrupted", file=sys.stderr)
-        return 130
+    rehearsal.record(passed=True)
     results = rehearsal.results
     trained = ", ".join(results["runs"])
     skipped = "".join(f"; {m} skipped" for m in results["skipped"])

@@ -41,7 +41,8 @@ import pandas as pd
 from .configs import load_json
 from .data_pipeline import sha256_file
 from .errors import UserError
-from .layout import METRICS, RECORDS, ROUTING_COUNTS, ReproLayout
+from .fsio import jsonable
+from .layout import HELDOUT, METRICS, RECORDS, ROUTING_COUNTS, ReproLayout
 from .methods import DENSE, lookup, order_methods
 from .methods import rank as method_rank
 
@@ -489,7 +490,7 @@ def _build(rd: RunDir, out: Path, window: int | None, last: int | None, start_to
              *_section_eval(a.evals),
              *_section_routing(a.routing, a.routing_text), *_section_compute(a.flops),
              *_section_provenance(provenance, rd.provenance, runs_df)]
-    return {"findings": found, "json": _jsonable(payload), "readme": "\n".join(lines)}
+    return {"findings": found, "json": jsonable(payload), "readme": "\n".join(lines)}
 
 
 def _analyze(rd: RunDir, out: Path, window: int | None, last: int | None, formats) -> Analyses:
@@ -522,7 +523,7 @@ def _analyze(rd: RunDir, out: Path, window: int | None, last: int | None, format
         pd.DataFrame(frows).to_csv(out / "flops.csv", index=False, float_format="%.6g")
         save_figure(plot_plan(frows, "full"), out, "flops", formats)
     study = None
-    if any((p / "heldout.jsonl").is_file() for p in rd.run_dirs):
+    if any((p / HELDOUT).is_file() for p in rd.run_dirs):
         from .study import analyze_study
 
         study = analyze_study(rd.root, out / "study", formats=formats)
@@ -656,19 +657,6 @@ def _one_model_per_method(models: pd.Series) -> list[str]:
     for m in sorted(set(models)):
         first.setdefault(method_key(m), m)
     return [first[k] for k in order_methods(list(first))]
-
-
-def _jsonable(x):
-    """NaN -> None, numpy scalars -> Python, so findings.json is strict JSON."""
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
 
 
 # ============================================================================ CLI

@@ -36,9 +36,8 @@ import pandas as pd
 from .configs import ModelConfig
 from .errors import UserError
 from .fsio import load_json
-from .layout import METRICS, RUN_JSON, ReproLayout
+from .layout import HELDOUT, METRICS, RUN_JSON, ReproLayout
 
-HELDOUT = "heldout.jsonl"  # drop_upcycling.heldout.HELDOUT (that module needs torch; this one does not)
 DU, NU = "DU-0.5", "NU"
 # Two-sided 95% critical values of Student's t by degrees of freedom (standard tables).
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -407,7 +406,7 @@ def throughput(runs: list[HeldoutRun], matmul: dict | None) -> dict:
 def analyze_study(root: str | Path, out_dir: str | Path, ablation_out: str | Path | None = None,
                   formats: str | None = None) -> dict:
     """Everything the module docstring lists, written under ``out_dir`` (and ``ablation_out``); returns study.json."""
-    from .fsio import write_json, write_text
+    from .fsio import jsonable, write_json, write_text
     from .plotstyle import save_figure
 
     root, out = Path(root), Path(out_dir)
@@ -435,7 +434,7 @@ def analyze_study(root: str | Path, out_dir: str | Path, ablation_out: str | Pat
     ablation = runs_with_heldout(at.ablation / "runs")
     if ablation and ablation_out is not None:
         result["ablation"] = write_ablation(ablation, Path(ablation_out), result["du_vs_nu"], formats)
-    write_json(out / "study.json", _jsonable(result))
+    write_json(out / "study.json", jsonable(result))
     write_text(out / "summary.md", summary_markdown(result))
     return result
 
@@ -537,18 +536,6 @@ def ablation_markdown(table: pd.DataFrame, summary: dict, du_vs_nu: dict) -> str
            if spread.get("low") is not None else "")
         + " are not effects.", "",
         "Full table: `r_sweep.csv` (`r, index_mode, seed, tokens, initial_heldout_loss, final_heldout_loss`).", ""])
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        return None if not math.isfinite(float(x)) else float(x)
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
 
 
 # ============================================================================ CLI

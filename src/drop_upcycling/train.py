@@ -63,8 +63,8 @@ from .checkpoint import (
 from .configs import ModelConfig, TrainConfig
 from .errors import UserError
 from .fsio import claim, make_parent, remove_orphans, truncate_jsonl, write_json, write_text, writing
-from .heldout import HELDOUT, HELDOUT_SPLIT, HeldoutSet, due, evaluate_heldout, load_heldout
-from .layout import CHECKPOINTS, LATEST, METRICS, RUN_JSON, checkpoint_dir
+from .heldout import HELDOUT_SPLIT, HeldoutSet, due, evaluate_heldout, load_heldout
+from .layout import CHECKPOINTS, HELDOUT, LATEST, METRICS, RUN_JSON, checkpoint_dir
 from .model import CausalLM, causal_lm_loss
 from .moe import AllToAllDispatcher
 from .parallel import (

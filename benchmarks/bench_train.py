@@ -11,32 +11,37 @@ pytest-benchmark times ours; the reference runs once before each of our rounds (
 see the same machine load), and both numbers plus the ratio land in ``extra_info`` (``--benchmark-json``)
 and on stdout. Best-of-rounds (min) is compared.
 
-The CPU study's training step (:func:`measure_study_step`, also ``python benchmarks/bench_train.py``):
-:meth:`~drop_upcycling.train.Trainer.train_step` of the main job's MoE at full scale
-(``smoke.SCALES["full"]``: 4 layers, width 128, FFN 512, 8 experts top-2, vocab 2,048, 2,048 tokens
-per step) in the job's layout (EP=2 over 2 gloo processes, one thread each) and its optimizer, on
-random tokens. Every round runs, in both processes at once, one step and one *GEMM chain*: each
-matmul of the step at its shape on this rank (attention projections, attention scores and values,
-routers, each local expert's three projections at balanced routing, the LM head), forward and both
-backward products, into preallocated outputs, with no other work. The chain's FLOPs are the step's
+The training step of a scale (:func:`measure_study_step`, also ``python benchmarks/bench_train.py``):
+:meth:`~drop_upcycling.train.Trainer.train_step` of the scale's MoE (``smoke.SCALES``; ``study``: 4 layers,
+width 64, FFN 256, 8 experts top-2, vocab 512, 4,096 tokens per step; ``full``: width 128, FFN 512, vocab
+2,048, 2,048 tokens) in the scale's layout and with its choices (fused AdamW; ``study`` compiles), on random
+tokens. Layouts: ``study`` runs two independent runs at once, one process and one thread each (how the
+study trains: a run per core); ``full`` one run with EP=2 over 2 gloo processes, one thread each. Every
+round runs, in all processes at once, one step and one *GEMM chain*: each matmul of the step at its shape
+in this process (attention projections, attention scores and values, routers, each local expert's three
+projections at balanced routing, the LM head), forward and both backward products, into preallocated
+outputs, with no other work. The chain's FLOPs are the step's
 (:func:`drop_upcycling.flops.training_flops_per_token`, every query charged for all keys), so its time
 is the step's at the GEMM rate these shapes reach on this machine now; the step's *share* of that
-rate is chain time / step time, per round. A step's time is the slower rank's. Reported: tokens/s
-(best and median round), the chain's GFLOP/s, the share (median, min, max over rounds), and a
-profile of a few more steps on rank 0 (:func:`_profile_steps`): the time of each component (attention,
-MoE layer, LM head, loss, gradient reduction, optimizer, ...), forward and backward, split into
-matmuls, the attention kernel, collectives (including waiting for the other rank), other ops, and
-time with no op running (Python, autograd engine, dispatch). The profiler's own overhead inflates
-the per-op parts; compare shares, not absolute milliseconds. On a busy machine every number moves:
-repeat, and compare only runs made in the same minutes.
+rate is chain time / step time, per round. A round's time is the slowest process's. Reported: tokens/s
+per run (best and median round), the chain's GFLOP/s (all processes), the share (median, min, max over
+rounds), and a profile of a few more steps in the first process (:func:`_profile_steps`): the time of
+each component (attention, MoE layer, LM head, loss, gradient reduction, optimizer, ...), forward and
+backward, split into matmuls, the attention kernel, collectives (including waiting for the other rank),
+other ops, and time with no op running (Python, autograd engine, dispatch). Under ``compile`` the fused
+kernels of a compiled layer count as its other ops. The profiler's own overhead inflates the per-op
+parts; compare shares, not absolute milliseconds. On a busy machine every number moves: repeat, and
+compare only runs made in the same minutes.
 
-    python benchmarks/bench_train.py --rounds 12 --json study.json   # or: tox -e bench
+    python benchmarks/bench_train.py --scale study --rounds 12 --json study.json   # or: tox -e bench
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import queue
 import statistics
 import tempfile
 import time
@@ -155,25 +160,24 @@ def test_moe_layer_8x152m_shape_vs_transformers_block(benchmark, record_ratio) -
 
 
 # ============================================================================ the CPU study's training step
-STUDY_NPROC, STUDY_EP = 2, 2  # the main job's MoE runs (smoke.Smoke._add_training): EP=2, 2 processes
-
-
-def study_run(**changes: Any) -> TrainConfig:
-    """The main job's MoE training config at full scale (random init instead of an upcycled one)."""
-    s = SCALES["full"]
+def study_run(scale: str = "study", **changes: Any) -> TrainConfig:
+    """A scale's MoE training config (``smoke.SCALES``; random init instead of an upcycled one), with the
+    scale's choices (AdamW kernel, ``compile``); ``ep`` is the scale's processes per run."""
+    s = SCALES[scale]
     model = {**s.model, "num_experts": s.num_experts, "num_experts_per_tok": s.top_k}
     fields = {"model": model, "seq_len": s.seq_len, "global_batch_tokens": s.global_batch_tokens,
               "micro_batch_size": s.micro_batch_size, "steps": 10**6, "lr": s.moe_lr, "min_lr": s.moe_lr / 10,
-              "warmup_steps": 10, "dtype": "fp32", "ep": STUDY_EP, "adamw_impl": s.adamw_impl, **changes}
+              "warmup_steps": 10, "dtype": "fp32", "ep": s.procs, "adamw_impl": s.adamw_impl, "compile": s.compile,
+              **changes}
     return TrainConfig(**fields)
 
 
 class RandomTokens:
-    """A stand-in for the trainer's data reader: uniform random ids, a stream per rank."""
+    """A stand-in for the trainer's data reader: uniform random ids, a stream per process."""
 
-    def __init__(self, vocab_size: int, seq_len: int, rank: int) -> None:
+    def __init__(self, vocab_size: int, seq_len: int, seed: int) -> None:
         self.vocab_size, self.seq_len = vocab_size, seq_len
-        self.gen = torch.Generator().manual_seed(1000 + rank)
+        self.gen = torch.Generator().manual_seed(seed)
 
     def next_batch(self, batch_size: int) -> torch.Tensor:
         return torch.randint(0, self.vocab_size, (batch_size, self.seq_len), generator=self.gen)
@@ -199,18 +203,25 @@ def step_matmuls(cfg: ModelConfig, run: TrainConfig, ep_size: int) -> list[tuple
 
 
 def gemm_chain(shapes: list[tuple[int, int, int, int]]) -> tuple[Callable[[], None], float]:
-    """(run, FLOPs): Y = X W, dX = dY W^T, dW = X^T dY for each shape, into preallocated outputs."""
+    """(run, FLOPs): Y = X W, dX = dY W^T, dW = X^T dY for each shape, into preallocated outputs.
+
+    A batch of one runs as ``mm`` on 2-D tensors (what the step's linear layers and experts call):
+    MKL's batched path is up to 30% slower at some of these shapes (1024 x 256 x 64), and a slow
+    reference would flatter the step's share.
+    """
     gen = torch.Generator().manual_seed(0)
     bufs = []
     for b, m, k, n in shapes:
         x, w, dy = (torch.randn(b, *shape, generator=gen) for shape in ((m, k), (k, n), (m, n)))
-        bufs.append((x, w, dy, torch.empty(b, m, n), torch.empty(b, m, k), torch.empty(b, k, n)))
+        out = (torch.empty(b, m, n), torch.empty(b, m, k), torch.empty(b, k, n))
+        bufs.append(tuple(t[0] for t in (x, w, dy, *out)) if b == 1 else (x, w, dy, *out))
 
     def run() -> None:
         for x, w, dy, y, dx, dw in bufs:
-            torch.bmm(x, w, out=y)
-            torch.bmm(dy, w.transpose(1, 2), out=dx)
-            torch.bmm(x.transpose(1, 2), dy, out=dw)
+            matmul = torch.mm if x.dim() == 2 else torch.bmm
+            matmul(x, w, out=y)
+            matmul(dy, w.transpose(-2, -1), out=dx)
+            matmul(x.transpose(-2, -1), dy, out=dw)
 
     return run, float(sum(6 * b * m * k * n for b, m, k, n in shapes))
 
@@ -227,7 +238,8 @@ def _kind(name: str) -> str:
         return "attention kernel"
     if name.startswith(("c10d::", "_AllToAll", "gloo:")) or "all_to_all" in name or "allreduce" in name:
         return "collectives"
-    return "other ops" if name.startswith("aten::") else "no op"
+    # inductor's fused kernels (named graph_N_cpp_fused_* under cpp.enable_kernel_profile) are ops too
+    return "other ops" if name.startswith("aten::") or "cpp_fused" in name else "no op"
 
 
 def _component_labels(model: torch.nn.Module) -> dict[torch.nn.Module, str]:
@@ -256,6 +268,8 @@ def _profile_steps(trainer: Trainer, steps: int) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     model = trainer.model
+    # A compiled layer runs no module hooks of its own: its ops count to the residual stream's row.
+    outside = "compiled decoder layers, loss, residual stream" if trainer.run.compile else "loss, residual stream"
     labels = _component_labels(model)
     open_ranges: dict[torch.nn.Module, Any] = {}
 
@@ -291,7 +305,7 @@ def _profile_steps(trainer: Trainer, steps: int) -> dict[str, Any]:
         up = chain(e)
         if e.sequence_nr >= 0 and up[-1].name == "forward":
             component_of_seq[e.sequence_nr] = next(
-                (a.name.removeprefix("module: ") for a in up if a.name.startswith("module: ")), "loss, residual stream")
+                (a.name.removeprefix("module: ") for a in up if a.name.startswith("module: ")), outside)
     table: dict[str, dict[str, float]] = {}
     phases: dict[str, float] = {}
     for e in events:
@@ -301,10 +315,10 @@ def _profile_steps(trainer: Trainer, steps: int) -> dict[str, Any]:
             phases[e.name] = phases.get(e.name, 0.0) + e.cpu_time_total / steps / 1e3
         if root == "forward":
             component = next((a.name.removeprefix("module: ") for a in up if a.name.startswith("module: ")),
-                             "loss, residual stream")
+                             outside)
         elif root == "backward":
             node = next((a for a in up if a.name.startswith("autograd::engine::evaluate_function")), None)
-            component = (component_of_seq.get(node.sequence_nr, "loss, residual stream") if node is not None
+            component = (component_of_seq.get(node.sequence_nr, outside) if node is not None
                          and node.sequence_nr >= 0 else "backward: gradient accumulation, engine")
         elif root in STEP_PHASES:
             component = {"gradients": "gradient reduction and clipping", "optimizer": "optimizer",
@@ -320,15 +334,9 @@ def _profile_steps(trainer: Trainer, steps: int) -> dict[str, Any]:
     return {"profiled_step_ms": wall_ms, "phases_ms": phases, "components_ms": rows}
 
 
-def _study_worker(out: str, rounds: int, warmup: int, profile_steps: int, changes: dict[str, Any]) -> None:
-    """One rank of :func:`measure_study_step` (spawned with torchrun's environment, one thread)."""
-    run = study_run(**changes)
-    cfg = run.model_config()
-    env = init_parallel(ep_size=run.ep, num_experts=cfg.num_experts)
-    trainer = Trainer(run, env, reader=RandomTokens(cfg.vocab_size, run.seq_len, env.rank))
-    chain, flops = gemm_chain(step_matmuls(cfg, run, env.ep_size))
-    tokens = run.micro_batch_size * run.seq_len
-    assert flops == training_flops_per_token(cfg, run.seq_len) * tokens, "the chain has the step's FLOPs"
+def _timed_rounds(trainer: Trainer, chain: Callable[[], None], rounds: int, warmup: int,
+                  sync: Callable[[], None]) -> dict[str, list[float]]:
+    """Seconds of each round's GEMM chain and training step on this process, every start synchronized."""
 
     def step() -> None:
         trainer.train_step()
@@ -337,42 +345,123 @@ def _study_worker(out: str, rounds: int, warmup: int, profile_steps: int, change
     times: dict[str, list[float]] = {"step": [], "chain": []}
     for i in range(warmup + rounds):
         for name, fn in (("chain", chain), ("step", step)):
-            dist.barrier()  # both ranks start together: a round sees one machine load
+            sync()  # every process starts together: a round sees one machine load
             t0 = time.perf_counter()
             fn()
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def _rank_setup(run: TrainConfig, seed: int) -> tuple[Trainer, Callable[[], None], float]:
+    """This process's trainer on random tokens and the GEMM chain of its share of one step (its
+    micro-batches' matmuls), checked to hold the step's FLOPs."""
+    if run.compile:  # name inductor's kernels in the profile (they would otherwise count as "no op")
+        import torch._inductor.config
+
+        torch._inductor.config.cpp.enable_kernel_profile = True
+    cfg = run.model_config()
+    env = init_parallel(ep_size=run.ep, num_experts=cfg.num_experts)
+    trainer = Trainer(run, env, reader=RandomTokens(cfg.vocab_size, run.seq_len, seed))
+    one, flops = gemm_chain(step_matmuls(cfg, run, env.ep_size))
+    assert flops == training_flops_per_token(cfg, run.seq_len) * run.micro_batch_size * run.seq_len
+
+    def chain() -> None:
+        for _ in range(trainer.accum):
+            one()
+
+    return trainer, chain, flops * trainer.accum
+
+
+def _ep_worker(out: str, run: TrainConfig, rounds: int, warmup: int, profile_steps: int) -> None:
+    """One rank of an expert-parallel run (spawned with torchrun's environment, one thread)."""
+    trainer, chain, flops = _rank_setup(run, 1000 + int(os.environ["RANK"]))
+    times = _timed_rounds(trainer, chain, rounds, warmup, dist.barrier)
     slowest = {}
     for name, ts in times.items():  # a step ends when the slower rank's does
         t = torch.tensor(ts, dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         slowest[name] = t.tolist()
     profiled = _profile_steps(trainer, profile_steps) if profile_steps else None
-    if env.rank == 0:
-        Path(out).write_text(json.dumps({"run": run.as_dict(), "world_size": env.world_size,
-                                         "chain_flops_per_rank": flops, "times_s": slowest,
-                                         "profile_rank0": profiled}))
+    if trainer.env.rank == 0:
+        Path(out).write_text(json.dumps({"processes": trainer.env.world_size, "chain_flops_per_process": flops,
+                                         "times_s": slowest, "profile_rank0": profiled}))
 
 
-def measure_study_step(rounds: int = 10, warmup: int = 3, profile_steps: int = 3, **changes: Any) -> dict[str, Any]:
-    """Tokens/s of the study's training step and its share of the GEMM-equivalent rate (see the module
-    docstring); ``changes`` override fields of :func:`study_run` (``adamw_impl``, ``ep``, ...)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "study.json"
-        spawn_local(_study_worker, STUDY_NPROC, str(out), rounds, warmup, profile_steps, changes)
-        raw = json.loads(out.read_text())
+def _independent_worker(index: int, run: TrainConfig, rounds: int, warmup: int, profile_steps: int,
+                        barrier: Any, results: Any) -> None:
+    """One of the concurrent single-process runs (a world of one, one thread), started in step with the others."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    trainer, chain, flops = _rank_setup(run, 1000 + index)
+    times = _timed_rounds(trainer, chain, rounds, warmup, barrier.wait)
+    profiled = _profile_steps(trainer, profile_steps) if profile_steps and index == 0 else None
+    results.put((index, {"chain_flops_per_process": flops, "times_s": times, "profile_rank0": profiled}))
+    trainer.env.destroy()
+
+
+def _run_independent(run: TrainConfig, runs: int, rounds: int, warmup: int, profile_steps: int) -> dict[str, Any]:
+    """``runs`` single-process runs at once (the study's layout); a round's time is the slowest run's."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(runs), ctx.Queue()
+    procs = [ctx.Process(target=_independent_worker, args=(i, run, rounds, warmup, profile_steps, barrier, results))
+             for i in range(runs)]
+    for p in procs:
+        p.start()
+    got: dict[int, dict[str, Any]] = {}
+    while len(got) < runs:  # a process that died must not leave this waiting for its result
+        try:
+            index, result = results.get(timeout=5)
+            got[index] = result
+        except queue.Empty:
+            if any(p.exitcode for p in procs):
+                for p in procs:
+                    p.kill()
+                raise RuntimeError("a benchmark process failed (its traceback is above)") from None
+    for p in procs:
+        p.join()
+    slowest = {name: [max(got[i]["times_s"][name][r] for i in got) for r in range(rounds)] for name in ("step", "chain")}
+    return {"processes": runs, "chain_flops_per_process": got[0]["chain_flops_per_process"], "times_s": slowest,
+            "profile_rank0": got[0]["profile_rank0"]}
+
+
+def measure_study_step(scale: str = "study", rounds: int = 10, warmup: int = 3, profile_steps: int = 3,
+                       independent: bool | None = None, **changes: Any) -> dict[str, Any]:
+    """Tokens/s of a scale's training step in its layout and its share of the GEMM-equivalent rate (see
+    the module docstring); ``changes`` override fields of :func:`study_run` (``compile``, ``adamw_impl``, ...).
+
+    The layout is the scale's: ``procs`` > 1 is one expert-parallel run over that many processes (``full``:
+    EP=2); ``procs`` = 1 is ``jobs`` independent runs at once, one process and one thread each (``study``),
+    whose tokens/s is per run (the machine does ``jobs`` times as many). ``independent=True`` runs a
+    ``procs`` > 1 scale in the study's layout instead (two single-process runs, ``ep`` 1).
+    """
+    s = SCALES[scale]
+    if independent is None:
+        independent = s.procs == 1
+    run = study_run(scale, **({"ep": 1} if independent else {}), **changes)
+    tokens = run.global_batch_tokens
+    if independent:
+        runs = max(s.jobs, s.procs)  # one run per core
+        raw = _run_independent(run, runs, rounds, warmup, profile_steps)
+        layout = f"{runs} independent runs x 1 process x 1 thread"
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "study.json"
+            spawn_local(_ep_worker, s.procs, str(out), run, rounds, warmup, profile_steps)
+            raw = json.loads(out.read_text())
+        layout = f"{s.procs} processes x 1 thread, ep {run.ep}"
     step, chain = raw["times_s"]["step"], raw["times_s"]["chain"]
-    tokens = raw["run"]["global_batch_tokens"]
-    shares = sorted(c / s for c, s in zip(chain, step, strict=True))
+    shares = [c / st for c, st in zip(chain, step, strict=True)]
+    ordered = sorted(shares)
     return {
-        "layout": f"{raw['world_size']} processes x 1 thread, ep {raw['run']['ep']}",
-        "adamw_impl": raw["run"]["adamw_impl"], "rounds": rounds,
+        "scale": scale, "layout": layout, "adamw_impl": run.adamw_impl, "compile": run.compile, "rounds": rounds,
         "tokens_per_s_best": tokens / min(step), "tokens_per_s_median": tokens / statistics.median(step),
-        "gemm_chain_gflops_median": raw["chain_flops_per_rank"] * raw["world_size"] / statistics.median(chain) / 1e9,
-        "share_median": statistics.median(shares), "share_min": shares[0], "share_max": shares[-1],
-        "shares": [c / s for c, s in zip(chain, step, strict=True)],
-        "step_ms_median": 1e3 * statistics.median(step), "chain_ms_median": 1e3 * statistics.median(chain),
-        "profile_rank0": raw["profile_rank0"],
+        "gemm_chain_gflops_median": raw["chain_flops_per_process"] * raw["processes"] / statistics.median(chain) / 1e9,
+        "share_median": statistics.median(shares), "share_min": ordered[0], "share_max": ordered[-1],
+        "shares": shares, "step_ms_median": 1e3 * statistics.median(step),
+        "chain_ms_median": 1e3 * statistics.median(chain), "profile_rank0": raw["profile_rank0"],
     }
 
 
@@ -391,7 +480,8 @@ def format_profile(prof: dict[str, Any]) -> list[str]:
 
 
 def format_study(r: dict[str, Any]) -> str:
-    lines = [f"CPU study train step ({r['layout']}, adamw {r['adamw_impl']}, {r['rounds']} rounds): "
+    mode = "compiled" if r["compile"] else "eager"
+    lines = [f"{r['scale']} train step ({r['layout']}, {mode}, adamw {r['adamw_impl']}, {r['rounds']} rounds): "
              f"{r['tokens_per_s_median']:.0f} tok/s median ({r['tokens_per_s_best']:.0f} best), "
              f"{r['step_ms_median']:.0f} ms/step; GEMM chain {r['gemm_chain_gflops_median']:.0f} GFLOP/s "
              f"({r['chain_ms_median']:.0f} ms); share {r['share_median']:.0%} "
@@ -402,33 +492,52 @@ def format_study(r: dict[str, Any]) -> str:
 
 
 STUDY_SHARE_TARGET = 0.70  # issue 13: the study's step at >= 70% of its GEMM-equivalent rate on 2 cores
+# (key in results.json, scale, changes, target): the study as it runs (compiled), eagerly, and the main
+# job's full-scale MoE in its EP=2 layout.
+# The full scale's model (the shape the speed issue named) also in the study's layout, compiled, with its
+# 2,048-token step as one micro-batch per run.
+STEP_CASES = [("train_step_share_of_gemm", "study", {}, STUDY_SHARE_TARGET),
+              ("train_step_share_of_gemm_eager", "study", {"compile": False}, None),
+              ("train_step_share_of_gemm_full_ep2", "full", {}, None),
+              ("train_step_share_of_gemm_full_independent", "full",
+               {"independent": True, "compile": True, "micro_batch_size": 16}, STUDY_SHARE_TARGET)]
 
 
-def test_cpu_study_train_step_share_of_gemm_rate(benchmark, request: pytest.FixtureRequest) -> None:
+@pytest.mark.parametrize(("key", "scale", "changes", "target"), STEP_CASES, ids=[c[0] for c in STEP_CASES])
+def test_training_step_share_of_gemm_rate(benchmark, request: pytest.FixtureRequest, key: str, scale: str,
+                                          changes: dict[str, Any], target: float | None) -> None:
     result: dict[str, Any] = {}
-    benchmark.pedantic(lambda: result.update(measure_study_step()), rounds=1, iterations=1)
+    benchmark.pedantic(lambda: result.update(measure_study_step(scale, **changes)), rounds=1, iterations=1)
     benchmark.extra_info.update(result)
     print("\n" + format_study(result))
     try:  # benchmarks/results.json, where the benchmarks' conftest provides it
         record_ratio = request.getfixturevalue("record_ratio")
     except pytest.FixtureLookupError:
         return
-    record_ratio("train_step_share_of_gemm", result["shares"], target=STUDY_SHARE_TARGET, better="higher", unit="%",
-                 label=f"CPU study MoE train step ({result['layout']}): share of its GEMM-equivalent rate",
+    mode = "compiled" if result["compile"] else "eager"
+    record_ratio(key, result["shares"], target=target, better="higher", unit="%",
+                 label=f"{scale} MoE train step ({result['layout']}, {mode}): share of its GEMM-equivalent rate",
                  tokens_per_s_median=result["tokens_per_s_median"],
                  gemm_chain_gflops_median=result["gemm_chain_gflops_median"])
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="the CPU study's training step vs its GEMM-equivalent rate")
+    parser = argparse.ArgumentParser(description="a scale's training step vs its GEMM-equivalent rate")
+    parser.add_argument("--scale", default="study", choices=("study", "full"))
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--profile-steps", type=int, default=3, help="profiled steps after the rounds (0: none)")
-    parser.add_argument("--adamw-impl", choices=("loop", "fused"), help="default: the study's")
+    parser.add_argument("--adamw-impl", choices=("loop", "fused"), help="default: the scale's")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: the scale's")
+    parser.add_argument("--independent", action=argparse.BooleanOptionalAction, default=None,
+                        help="single-process runs, one per core (default: the scale's layout)")
+    parser.add_argument("--micro-batch-size", type=int, help="default: the scale's")
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args(argv)
-    changes = {"adamw_impl": args.adamw_impl} if args.adamw_impl else {}
-    result = measure_study_step(args.rounds, args.warmup, args.profile_steps, **changes)
+    changes = {k: v for k, v in (("adamw_impl", args.adamw_impl), ("compile", args.compile),
+                                 ("independent", args.independent), ("micro_batch_size", args.micro_batch_size))
+               if v is not None}
+    result = measure_study_step(args.scale, args.rounds, args.warmup, args.profile_steps, **changes)
     print(format_study(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -91,3 +91,15 @@ def test_every_scale_plans_every_method_and_a_dense_reference_per_seed(tmp_path:
 def test_unknown_scale_is_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="unknown scale"):
         Smoke("huge", tmp_path)
+
+
+def test_the_study_compiles_unless_told_not_to_and_other_scales_keep_their_configs(tmp_path: Path) -> None:
+    """``compile`` (TrainConfig) is the study scale's choice; ``--no-compile`` trains eagerly, and a scale
+    that does not compile writes no ``compile`` key, so its stages keep the hashes they had before it."""
+    def training_specs(smoke: Smoke) -> list[dict]:
+        smoke.build()
+        return [st.spec for st in smoke.pipe.stages if st.name == "pretrain" or st.name.startswith("train-")]
+
+    assert all(spec["compile"] is True for spec in training_specs(Smoke("study", tmp_path / "a")))
+    assert all("compile" not in spec for spec in training_specs(Smoke("study", tmp_path / "b", compile=False)))
+    assert all("compile" not in spec for spec in training_specs(Smoke("ci", tmp_path / "c")))

@@ -1,13 +1,15 @@
 """The training step's fast paths against the reference computations they replace.
 
 What the step computes must not depend on how fast it runs: the loss without copying the logits, the
-gradient norm through one fp64 scratch and the in-place scaling of a one-rank group are bitwise the
-formulas they replace; fused AdamW (``adamw_impl: fused``, the CPU study's choice) is a named option
-that equals the per-tensor loop to fp32 rounding, tested here beside the loop (the default).
+balance loss from the forward's routing, the gradient norm through one fp64 scratch and the in-place
+scaling of a one-rank group are bitwise the formulas they replace; fused AdamW (``adamw_impl: fused``)
+and ``compile: true`` (both the CPU study's choices) are named options that equal the reference to fp32
+rounding, tested here beside it (the defaults), ``compile`` also under expert parallelism.
 """
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -18,8 +20,9 @@ from conftest import random_model
 from drop_upcycling.configs import MODEL_CONFIGS, TrainConfig
 from drop_upcycling.errors import UserError
 from drop_upcycling.model import next_token_ce_sum
+from drop_upcycling.moe import load_balancing_loss, route
 from drop_upcycling.parallel import clip_gradients, init_parallel, spawn_local
-from drop_upcycling.train import Trainer, build_optimizer, config_changes, reuse_freed_memory
+from drop_upcycling.train import Trainer, build_optimizer, check_compiler, config_changes, reuse_freed_memory
 
 CFG = MODEL_CONFIGS["tiny-moe"].replace(vocab_size=128, num_hidden_layers=2)
 RUN = {"model": {"base": "tiny-moe", "vocab_size": 128, "num_hidden_layers": 2}, "seq_len": 16,
@@ -139,3 +142,81 @@ def test_reuse_freed_memory_is_safe_to_call_twice() -> None:
     reuse_freed_memory()
     reuse_freed_memory()
     assert torch.ones(1 << 20).sum() == 1 << 20
+
+
+# ---------------------------------------------------------------------------- compile: true
+def _compiled_and_eager(ep: int, rank_tokens: int) -> dict[bool, tuple[list[float], dict[str, torch.Tensor], Trainer]]:
+    """Three steps of the same run eagerly and compiled: (loss and grad norm per step, weights, trainer)."""
+    env = init_parallel(ep_size=ep, num_experts=CFG.num_experts)
+    out = {}
+    for compiled in (False, True):
+        run = TrainConfig.from_mapping({**RUN, "ep": ep, "compile": compiled})
+        trainer = Trainer(run, env, reader=_Tokens(rank_tokens))
+        stats = []
+        for _ in range(3):
+            s = trainer.train_step()
+            trainer.step += 1
+            stats += [s.loss, s.grad_norm]
+        out[compiled] = (stats, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}, trainer)
+    return out
+
+
+def _check_compiled_equals_eager(out: dict) -> None:
+    (eager, eager_w, eager_tr), (comp, comp_w, comp_tr) = out[False], out[True]
+    assert comp == pytest.approx(eager, rel=1e-5)
+    assert comp_w.keys() == eager_w.keys()  # the same parameter names: checkpoints are unchanged
+    # AdamW divides each gradient element by its own running magnitude, so an element whose gradient
+    # nearly cancels can move by a visible fraction of one update: bound the weights by 1% of one step.
+    for name, w in eager_w.items():
+        torch.testing.assert_close(comp_w[name], w, rtol=0, atol=0.01 * RUN["lr"])
+    layers = comp_tr.model.model.layers
+    assert all(layer._compiled_call_impl is not None for layer in layers)  # it did compile
+    assert all(layer._compiled_call_impl is None for layer in eager_tr.model.model.layers)
+
+
+def test_compiled_training_equals_eager_to_fp32_rounding() -> None:
+    """``compile: true`` (inductor on CPU, the CPU study's choice) trains the same model: losses, gradient
+    norms and weights after three steps equal the eager run's to fp32 rounding, under the same names."""
+    _check_compiled_equals_eager(_compiled_and_eager(ep=1, rank_tokens=0))
+
+
+def _compiled_ep_worker() -> None:
+    _check_compiled_equals_eager(_compiled_and_eager(ep=2, rank_tokens=int(os.environ["RANK"])))
+
+
+def test_compiled_training_under_expert_parallelism_equals_eager() -> None:
+    """EP=2: the all-to-all dispatcher runs eagerly between the compiled parts and the result is the same."""
+    spawn_local(_compiled_ep_worker, 2)
+
+
+def test_compile_is_checked_against_recompute_and_a_missing_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(UserError, match="compile and activation_checkpointing cannot be combined"):
+        TrainConfig.from_mapping({**RUN, "compile": True, "activation_checkpointing": True})
+    with pytest.raises(UserError, match="compile"):
+        TrainConfig.from_mapping({**RUN, "compile": "yes"})
+    assert TrainConfig.from_mapping(RUN).compile is False
+    import torch._inductor.cpp_builder as cpp_builder
+
+    def no_compiler():
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    with pytest.raises(UserError, match=r"compile: true needs a C\+\+ compiler .* set compile: false"):
+        check_compiler(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("mode", ["global", "per_layer"])
+def test_balance_loss_from_the_forwards_routing_is_bitwise_the_recomputed_one(mode: str) -> None:
+    """The trainer hands :func:`load_balancing_loss` the forward's softmax and top-k ids instead of
+    recomputing them from the logits: the same loss and the same logits' gradient, bitwise."""
+    gen = torch.Generator().manual_seed(3)
+    logits = [(2 * torch.randn(96, 8, generator=gen)).requires_grad_(True) for _ in range(3)]
+    ref = load_balancing_loss(logits, 8, 2, mode)
+    ref_grads = torch.autograd.grad(ref, logits)
+    routed = [(r.probs_TE, r.ids_TK) for r in (route(lg, 2, torch.float32) for lg in logits)]
+    ours = load_balancing_loss(logits, 8, 2, mode, routed=routed)
+    grads = torch.autograd.grad(ours, logits)
+    assert torch.equal(ours, ref)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads, strict=True))
+    other = [(probs.flip(-1), ids) for probs, ids in routed]  # and it is what the loss reads
+    assert not torch.equal(load_balancing_loss(logits, 8, 2, mode, routed=other), ref)

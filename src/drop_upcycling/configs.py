@@ -540,6 +540,12 @@ class TrainConfig:
     # Recompute each decoder layer in the backward (torch.utils.checkpoint, non-reentrant): the forward
     # keeps only the layers' inputs, for a second forward's compute. The same function.
     activation_checkpointing: bool = False
+    # torch.compile each decoder layer and the cross-entropy (drop_upcycling.model.compile_for_training):
+    # inductor fuses the elementwise work around the matmuls (norms, RoPE, routing, the experts' SwiGLU,
+    # the log-softmax) that bounds a small model's step on CPU. The same function to fp32 rounding, not
+    # bitwise (fused kernels round differently), hence a choice; the CPU study uses it. On CPU it needs a
+    # C++ compiler (g++ or clang++) and compiles for ~10-30 s at the first step of each shape.
+    compile: bool = False
     ep: int = 1
     dtype: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU (bf16 wherever param_dtype is bf16)
     out: str = "runs/train"
@@ -583,6 +589,8 @@ class TrainConfig:
             raise UserError("param_dtype bf16 computes in bf16: set dtype to bf16 or auto, not fp32")
         if self.zero_stage not in ZERO_STAGES:
             raise UserError(f"zero_stage must be 0, 1 or 2, got {self.zero_stage!r}")
+        if self.compile and self.activation_checkpointing:
+            raise UserError("compile and activation_checkpointing cannot be combined yet: set one of them to false")
         if self.warmup_start_lr is not None and self.warmup_start_lr > self.lr:
             raise UserError(f"need warmup_start_lr <= lr, got warmup_start_lr={self.warmup_start_lr}, lr={self.lr}")
         if self.save_dtype not in ("fp32", "bf16"):
@@ -664,7 +672,7 @@ TRAIN_SPECS: dict[str, Spec] = {
     "keep_last": POSITIVE_INT, "save_dtype": TEXT, "tensorboard": BOOL, "nodes": POSITIVE_INT,
     "gpus_per_node": POSITIVE_INT, "method": _optional(TEXT), "adamw_impl": TEXT,
     "aux_loss_scope": TEXT, "weight_decay_1d": BOOL, "param_dtype": TEXT, "warmup_start_lr": _optional(NON_NEGATIVE),
-    "zero_stage": COUNT, "activation_checkpointing": BOOL,
+    "zero_stage": COUNT, "activation_checkpointing": BOOL, "compile": BOOL,
     "heldout_every_tokens": COUNT, "heldout_sequences": POSITIVE_INT,
 }
 # ``data:`` reads either token shards built by ``drop-upcycling data tokenize`` (``shards``, checked

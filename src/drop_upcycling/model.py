@@ -17,6 +17,7 @@ tensor name), so a model is the same whatever order or device layout it is built
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 
@@ -172,9 +173,32 @@ def next_token_ce_sum(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torc
     return F.nll_loss(picked_BS[:, :-1].reshape(-1, 1), keep_M, ignore_index=-100, reduction="sum")
 
 
+@functools.cache
+def _compiled_ce_sum():
+    """:func:`next_token_ce_sum` through ``torch.compile`` (one fused log-softmax and gather), made once."""
+    return torch.compile(next_token_ce_sum, dynamic=False)
+
+
+def compile_for_training(model: CausalLM) -> None:
+    """``torch.compile`` each decoder layer in place (``nn.Module.compile``: parameter names, checkpoints
+    and hooks unchanged); the trainer's ``compile`` key, with :func:`causal_lm_loss`'s ``compiled``.
+
+    Why: at a small model's shapes the step is bound by the elementwise work around the matmuls, one
+    memory pass per eager op (RMSNorm, RoPE, the router's softmax and top-k, the experts' SwiGLU);
+    inductor fuses it. The loop kernel's per-expert row counts are read on the host; with
+    ``capture_scalar_outputs`` they stay in the graph as symbolic sizes (no graph break, one compile
+    for every routing). The expert-parallel all-to-alls run eagerly (the dispatcher is excluded from
+    compilation): the collectives and their Python split sizes stay outside any graph.
+    """
+    torch._dynamo.config.capture_scalar_outputs = True
+    for layer in model.model.layers:
+        layer.compile()
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, router_logits: list[torch.Tensor],
                    cfg: ModelConfig, group: dist.ProcessGroup | None = None,
-                   aux_loss_scope: str = "global_batch") -> Losses:
+                   aux_loss_scope: str = "global_batch", compiled: bool = False,
+                   routed: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Losses:
     """The training loss of one batch: next-token cross-entropy plus the weighted router losses.
 
     ``labels`` follow HF: the shape of the input ids, shifted here, -100 ignored. Without ``group``
@@ -190,12 +214,14 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, router_logits: li
     Mixtral's ``load_balancing_loss_func`` on this rank's router logits, as moe-recipes (the authors'
     trainer) computes it in every forward; a rank whose batch is one domain is then penalized for
     routing it to few experts, even when the ranks together are balanced. How the layers combine is
-    the model's ``aux_loss_mode``, a separate choice.
+    the model's ``aux_loss_mode``, a separate choice. ``compiled``: the cross-entropy through
+    ``torch.compile`` (:func:`compile_for_training`; equal to fp32 rounding). ``routed``: the forward's
+    (router softmax, expert ids) per layer, reused by the balance loss (bitwise the same loss).
     """
     if aux_loss_scope not in AUX_LOSS_SCOPES:
         raise ValueError(f"aux_loss_scope must be one of {AUX_LOSS_SCOPES}, got {aux_loss_scope!r}")
     targets = labels[:, 1:].reshape(-1)
-    ce_sum = next_token_ce_sum(logits, labels)
+    ce_sum = (_compiled_ce_sum() if compiled else next_token_ce_sum)(logits, labels)
     n_valid = (targets != -100).sum().to(torch.float64)
     if group is not None and dist.get_world_size(group) > 1:
         n_valid = all_reduce_mean(n_valid, group)
@@ -205,7 +231,7 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, router_logits: li
     if router_logits:
         balance_group = group if aux_loss_scope == "global_batch" else None
         losses.aux_loss = load_balancing_loss(router_logits, cfg.num_experts, cfg.num_experts_per_tok,
-                                              cfg.aux_loss_mode, group=balance_group)
+                                              cfg.aux_loss_mode, group=balance_group, routed=routed)
         losses.loss = losses.loss + cfg.router_aux_loss_coef * losses.aux_loss
         if cfg.router_z_loss_coef > 0:
             losses.z_loss = router_z_loss(router_logits)
@@ -220,6 +246,12 @@ class CausalLMOutput:
     logits: torch.Tensor
     router_logits: list[torch.Tensor] = field(default_factory=list)  # per MoE layer, [T, E]
     expert_ids: list[torch.Tensor] = field(default_factory=list)  # per MoE layer, [T, K] (on request)
+    router_probs: list[torch.Tensor] = field(default_factory=list)  # per MoE layer, [T, E] fp32 softmax
+
+    @property
+    def routed(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """(router softmax, expert ids) per MoE layer for :func:`causal_lm_loss`, when ids were requested."""
+        return list(zip(self.router_probs, self.expert_ids, strict=True)) if self.expert_ids else None
     losses: Losses | None = None  # when labels were given
 
     @property
@@ -271,7 +303,7 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(input_ids.shape[1], cfg.head_dim, cfg.rope_theta, input_ids.device)
         sin_signed = signed_sin(sin)
-        router_logits, expert_ids = [], []
+        router_logits, expert_ids, router_probs, all_ids = [], [], [], []
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for layer in self.model.layers:
             if recompute:
@@ -280,11 +312,15 @@ class CausalLM(nn.Module):
                 x, routing = layer(x, cos, sin_signed)
             if routing is not None:
                 router_logits.append(routing.logits_TE)
-                if return_expert_ids:
-                    expert_ids.append(routing.ids_TK)
+                router_probs.append(routing.probs_TE)
+                all_ids.append(routing.ids_TK)
+        if return_expert_ids:
+            expert_ids = all_ids
         logits = self.lm_head(self.model.norm(x))
-        losses = None if labels is None else causal_lm_loss(logits, labels, router_logits, cfg)
-        return CausalLMOutput(logits=logits, router_logits=router_logits, expert_ids=expert_ids, losses=losses)
+        routed = list(zip(router_probs, all_ids, strict=True)) or None
+        losses = None if labels is None else causal_lm_loss(logits, labels, router_logits, cfg, routed=routed)
+        return CausalLMOutput(logits=logits, router_logits=router_logits, expert_ids=expert_ids, losses=losses,
+                              router_probs=router_probs)
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:

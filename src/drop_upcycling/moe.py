@@ -41,6 +41,7 @@ class Routing:
     logits_TE: torch.Tensor  # raw router logits (aux losses need them)
     weights_TK: torch.Tensor  # renormalized top-k weights, in the activation dtype
     ids_TK: torch.Tensor  # expert ids, int64
+    probs_TE: torch.Tensor  # fp32 softmax of the logits (the balance loss reuses it rather than recompute)
 
 
 def route(logits_TE: torch.Tensor, top_k: int, dtype: torch.dtype) -> Routing:
@@ -48,7 +49,7 @@ def route(logits_TE: torch.Tensor, top_k: int, dtype: torch.dtype) -> Routing:
     probs_TE = F.softmax(logits_TE, dim=-1, dtype=torch.float32)
     weights_TK, ids_TK = torch.topk(probs_TE, top_k, dim=-1)
     weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-    return Routing(logits_TE=logits_TE, weights_TK=weights_TK.to(dtype), ids_TK=ids_TK)
+    return Routing(logits_TE=logits_TE, weights_TK=weights_TK.to(dtype), ids_TK=ids_TK, probs_TE=probs_TE)
 
 
 class Dispatcher(Protocol):
@@ -161,6 +162,8 @@ class AllToAllDispatcher:
             raise ValueError(f"{num_experts} experts cannot be split over {self.ep_size} ranks")
         self.num_local = num_experts // self.ep_size
 
+    # Eager under torch.compile (model.compile_for_training): collectives with host split sizes stay out of graphs.
+    @torch.compiler.disable
     def dispatch(self, x_TD: torch.Tensor, ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, _AllToAllContext]:
         top_k = ids_TK.shape[-1]
         order_A, counts_E = LocalDispatcher(self.num_experts).group(ids_TK)
@@ -175,6 +178,7 @@ class AllToAllDispatcher:
         ctx = _AllToAllContext(order_A, x_TD.shape[0], send_splits, recv_splits, regroup_G)
         return x_recv[regroup_G], recv_PL.sum(0), ctx
 
+    @torch.compiler.disable
     def combine(self, y_GD: torch.Tensor, weights_TK: torch.Tensor, ctx: _AllToAllContext) -> torch.Tensor:
         y_recv = torch.empty_like(y_GD).index_copy(0, ctx.regroup_G, y_GD)  # back to (source, expert) order
         y_AD = all_to_all(y_recv, ctx.send_splits, ctx.recv_splits, self.group)
@@ -400,7 +404,7 @@ class SparseMoeBlock(nn.Module):
 # ---------------------------------------------------------------------------- auxiliary losses
 def load_balancing_loss(
     logits_per_layer: list[torch.Tensor], num_experts: int, top_k: int, mode: str = "global",
-    group: dist.ProcessGroup | None = None,
+    group: dist.ProcessGroup | None = None, routed: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """Switch-style balance loss ``E * sum_e f_e * P_e`` as HF Mixtral computes it.
 
@@ -414,13 +418,18 @@ def load_balancing_loss(
     batch and whose averaged gradient is that loss's gradient. Without ``group`` the fractions are this
     batch's alone: HF's ``load_balancing_loss_func`` on these logits (the trainer's ``aux_loss_scope:
     micro_batch``, the authors' setting).
+
+    ``routed``: the forward's (fp32 softmax, top-k ids) per layer (:class:`Routing`), the same ops on the
+    same logits, so the loss is bitwise the recomputed one without a second softmax and top-k per layer
+    (on CPU a softmax over 8 experts costs as much as a matmul of the layer) and with one softmax
+    backward instead of two.
     """
     if not logits_per_layer:
         raise ValueError("no router logits")
+    if routed is None:
+        routed = [_probs_and_ids(logits_TE, top_k) for logits_TE in logits_per_layer]
     fractions, probs = [], []
-    for logits_TE in logits_per_layer:
-        probs_TE = F.softmax(logits_TE, dim=-1, dtype=torch.float32)
-        _, ids_TK = torch.topk(probs_TE, top_k, dim=-1)
+    for probs_TE, ids_TK in routed:
         # one_hot's range checks read the ids back to the host (on CPU; a sync where a build checks them).
         mask_TKE = (ids_TK.unsqueeze(-1) == torch.arange(num_experts, device=ids_TK.device)).float()
         fractions.append(mask_TKE.mean(dim=0))  # [K, E]
@@ -438,6 +447,12 @@ def load_balancing_loss(
     if mode == "per_layer":
         return torch.stack([num_experts * (f * p).sum() for f, p in zip(f_LKE, probs, strict=True)]).mean()
     raise ValueError(f"unknown aux loss mode {mode!r}")
+
+
+def _probs_and_ids(logits_TE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What :func:`route` computes for the balance loss: the fp32 softmax and the top-k expert ids."""
+    probs_TE = F.softmax(logits_TE, dim=-1, dtype=torch.float32)
+    return probs_TE, torch.topk(probs_TE, top_k, dim=-1)[1]
 
 
 def router_z_loss(logits_per_layer: list[torch.Tensor]) -> torch.Tensor:

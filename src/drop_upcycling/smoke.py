@@ -88,6 +88,10 @@ class Scale:
     # (benchmarks/bench_train.py); equal to the per-tensor loop to fp32 rounding, not bitwise, so runs
     # made with "loop" are not reproduced bit for bit by "fused".
     adamw_impl: str = "fused"
+    # torch.compile of the decoder layers and the loss (TrainConfig.compile): equal to eager to fp32
+    # rounding, not bitwise; the study's step at 67% of its GEMM-equivalent rate instead of 53%
+    # (benchmarks/bench_train.py). ``--no-compile`` runs eagerly (how runs made before it were made).
+    compile: bool = False
     # The domain mix; None = the domains' sizes (every token of the corpus equally often).
     weights: dict[str, float] | None = field(default_factory=lambda: dict.fromkeys(DOMAINS, 0.25))
     # Processes per compared run (MoEs with EP = procs, the dense reference data-parallel) and how many
@@ -141,7 +145,7 @@ SCALES: dict[str, Scale] = {
         pretrain_warmup=0.01, moe_warmup=0.01, single_seed=("FS", "RNU-0.5", "dense"),
         heldout_every_tokens=128 * 4096, heldout_sequences=64,
         ablation=tuple((r, mode) for mode in ("per-matrix", "shared") for r in (0.0, 0.125, 0.25, 0.5, 0.75, 1.0)),
-        ablation_steps=513, train_first=("NU", "DU-0.5"),
+        ablation_steps=513, train_first=("NU", "DU-0.5"), compile=True,
     ),
 }
 
@@ -324,11 +328,13 @@ class Smoke:
     """Builds the pipeline for a scale and output dir; :meth:`run` executes it."""
 
     def __init__(self, scale_name: str, out: Path, force: bool = False, corpus: str | None = None,
-                 report_dir: Path | None = None, ablation_report_dir: Path | None = None, pinned: bool = True) -> None:
+                 report_dir: Path | None = None, ablation_report_dir: Path | None = None, pinned: bool = True,
+                 compile: bool | None = None) -> None:
         if scale_name not in SCALES:
             raise UserError(f"unknown scale {scale_name!r} (choose {', '.join(SCALES)})")
         self.scale_name, self.scale = scale_name, SCALES[scale_name]
         self.out, self.corpus, self.pinned = out, corpus, pinned
+        self.compile = self.scale.compile if compile is None else compile  # None: the scale's choice
         self.layout = ReproLayout(out)
         self.pipe = Pipeline(out, force, jobs=self.scale.jobs)
         self.runs: list[RunSpec] = []
@@ -375,6 +381,7 @@ class Smoke:
             "micro_batch_size": s.micro_batch_size, "steps": steps, "lr": lr, "min_lr": lr / 10,
             "warmup_steps": warmup, "dtype": "fp32", "out": str(out), "save_every": max(10, steps // 4),
             "keep_last": 1, "nodes": 1, "gpus_per_node": s.procs, "ep": 1, "adamw_impl": s.adamw_impl, **heldout,
+            **({"compile": True} if self.compile else {}),  # absent when off: eager runs keep their stage hashes
         }
 
     def write_config(self, name: str, config: dict[str, Any]) -> Path:
@@ -732,6 +739,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", type=Path, default=None, help="report dir (default OUT/report)")
     parser.add_argument("--ablation-report", type=Path, default=None,
                         help="study scale: the r x index-mode ablation's report dir (default OUT/ablation/report)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", default=None,
+                        help="train eagerly where the scale compiles (study): bitwise what runs made before did")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -739,7 +748,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MPLBACKEND", "Agg")
     try:
         Smoke(args.scale, args.out, force=args.force, corpus=args.corpus, report_dir=args.report,
-              ablation_report_dir=args.ablation_report, pinned=not args.unpinned).run()
+              ablation_report_dir=args.ablation_report, pinned=not args.unpinned, compile=args.compile).run()
     except UserError as e:
         print(f"run_smoke: error: {e}", file=sys.stderr)
         return 2

@@ -65,7 +65,7 @@ from .errors import UserError
 from .fsio import claim, make_parent, remove_orphans, truncate_jsonl, write_json, write_text, writing
 from .heldout import HELDOUT_SPLIT, HeldoutSet, due, evaluate_heldout, load_heldout
 from .layout import CHECKPOINTS, HELDOUT, LATEST, METRICS, RUN_JSON, checkpoint_dir
-from .model import CausalLM, causal_lm_loss
+from .model import CausalLM, causal_lm_loss, compile_for_training
 from .moe import AllToAllDispatcher
 from .parallel import (
     ParallelEnv,
@@ -262,6 +262,20 @@ def empty_bf16_model(cfg: ModelConfig, env: ParallelEnv) -> CausalLM:
     return model
 
 
+def check_compiler(device: torch.device) -> None:
+    """The ``compile`` key on CPU needs the C++ compiler inductor builds its kernels with: say so in one
+    line before the first step, not in a traceback from inside the first compiled forward."""
+    if device.type != "cpu":
+        return
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception as exc:  # inductor raises its own error types for a missing compiler
+        raise UserError(f"compile: true needs a C++ compiler for torch.compile on CPU (g++ or clang++ on PATH, or "
+                        f"$CXX); none found ({exc.__class__.__name__}); set compile: false") from None
+
+
 # ============================================================================ the loop
 STEP_PHASES = ("forward", "backward", "gradients", "optimizer", "metrics")  # Trainer.train_step's profiler labels
 
@@ -301,6 +315,9 @@ class Trainer:
         torch.manual_seed(run.seed + env.rank)
         self._build_weights()
         self.model.activation_checkpointing = run.activation_checkpointing
+        if run.compile:
+            check_compiler(env.device)
+            compile_for_training(self.model)
         self.step, self.tokens = 0, 0
         self.autocast = _autocast(run, env)
         if resume_from is not None:
@@ -368,7 +385,8 @@ class Trainer:
                 out = self.model(ids, return_expert_ids=cfg.is_moe)
                 losses = causal_lm_loss(out.logits, ids, out.router_logits, cfg,
                                         group=env.world_pg if env.world_size > 1 else None,
-                                        aux_loss_scope=run.aux_loss_scope)
+                                        aux_loss_scope=run.aux_loss_scope, compiled=run.compile,
+                                        routed=out.routed)
             with record_function("backward"):
                 (losses.loss / self.accum).backward()
                 if self.bf16 is not None:

@@ -10,6 +10,8 @@ rounding, tested here beside it (the defaults), ``compile`` also under expert pa
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -220,3 +222,11 @@ def test_balance_loss_from_the_forwards_routing_is_bitwise_the_recomputed_one(mo
     assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads, strict=True))
     other = [(probs.flip(-1), ids) for probs, ids in routed]  # and it is what the loss reads
     assert not torch.equal(load_balancing_loss(logits, 8, 2, mode, routed=other), ref)
+
+
+def test_the_library_does_not_import_the_compiler_unless_asked() -> None:
+    """``compile`` costs nothing when off: importing the library (the upcycler, the trainer) leaves
+    ``torch._dynamo`` unimported, a second per process (benchmarks/bench_upcycle.py counts process starts)."""
+    code = ("import sys, drop_upcycling.upcycle, drop_upcycling.train, drop_upcycling.cli; "
+            "sys.exit('torch._dynamo' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

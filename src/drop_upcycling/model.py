@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .configs import AUX_LOSS_SCOPES, ModelConfig
-from .moe import Dispatcher, SparseMoeBlock, load_balancing_loss, router_z_loss
+from .moe import AllToAllDispatcher, Dispatcher, SparseMoeBlock, load_balancing_loss, router_z_loss
 from .parallel import all_reduce_mean
 
 
@@ -191,7 +191,14 @@ def compile_for_training(model: CausalLM) -> None:
     compilation): the collectives and their Python split sizes stay outside any graph.
     """
     torch._dynamo.config.capture_scalar_outputs = True
-    for layer in model.model.layers:
+    layers = list(model.model.layers)
+    dispatchers = {id(m.dispatcher): m.dispatcher for m in (getattr(lay, "block_sparse_moe", None) for lay in layers)
+                   if m is not None}  # layers may share one
+    for d in dispatchers.values():
+        if isinstance(d, AllToAllDispatcher):
+            # Here, not as decorators: torch.compiler.disable imports torch._dynamo (a second per process).
+            d.dispatch, d.combine = torch.compiler.disable(d.dispatch), torch.compiler.disable(d.combine)
+    for layer in layers:
         layer.compile()
 
 

@@ -162,8 +162,6 @@ class AllToAllDispatcher:
             raise ValueError(f"{num_experts} experts cannot be split over {self.ep_size} ranks")
         self.num_local = num_experts // self.ep_size
 
-    # Eager under torch.compile (model.compile_for_training): collectives with host split sizes stay out of graphs.
-    @torch.compiler.disable
     def dispatch(self, x_TD: torch.Tensor, ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, _AllToAllContext]:
         top_k = ids_TK.shape[-1]
         order_A, counts_E = LocalDispatcher(self.num_experts).group(ids_TK)
@@ -178,7 +176,6 @@ class AllToAllDispatcher:
         ctx = _AllToAllContext(order_A, x_TD.shape[0], send_splits, recv_splits, regroup_G)
         return x_recv[regroup_G], recv_PL.sum(0), ctx
 
-    @torch.compiler.disable
     def combine(self, y_GD: torch.Tensor, weights_TK: torch.Tensor, ctx: _AllToAllContext) -> torch.Tensor:
         y_recv = torch.empty_like(y_GD).index_copy(0, ctx.regroup_G, y_GD)  # back to (source, expert) order
         y_AD = all_to_all(y_recv, ctx.send_splits, ctx.recv_splits, self.group)

@@ -254,12 +254,12 @@ class CausalLMOutput:
     router_logits: list[torch.Tensor] = field(default_factory=list)  # per MoE layer, [T, E]
     expert_ids: list[torch.Tensor] = field(default_factory=list)  # per MoE layer, [T, K] (on request)
     router_probs: list[torch.Tensor] = field(default_factory=list)  # per MoE layer, [T, E] fp32 softmax
+    losses: Losses | None = None  # when labels were given
 
     @property
     def routed(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """(router softmax, expert ids) per MoE layer for :func:`causal_lm_loss`, when ids were requested."""
         return list(zip(self.router_probs, self.expert_ids, strict=True)) if self.expert_ids else None
-    losses: Losses | None = None  # when labels were given
 
     @property
     def loss(self) -> torch.Tensor | None:

@@ -492,10 +492,9 @@ def format_study(r: dict[str, Any]) -> str:
 
 
 STUDY_SHARE_TARGET = 0.70  # issue 13: the study's step at >= 70% of its GEMM-equivalent rate on 2 cores
-# (key in results.json, scale, changes, target): the study as it runs (compiled), eagerly, and the main
-# job's full-scale MoE in its EP=2 layout.
-# The full scale's model (the shape the speed issue named) also in the study's layout, compiled, with its
-# 2,048-token step as one micro-batch per run.
+# (key in results.json, scale, changes, target): the study as it runs (compiled) and eagerly; the main job's
+# full-scale MoE in its EP=2 layout; and that model (the shape the speed issue named) in the study's layout,
+# compiled, its 2,048-token step one micro-batch per run.
 STEP_CASES = [("train_step_share_of_gemm", "study", {}, STUDY_SHARE_TARGET),
               ("train_step_share_of_gemm_eager", "study", {"compile": False}, None),
               ("train_step_share_of_gemm_full_ep2", "full", {}, None),

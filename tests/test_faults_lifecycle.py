@@ -352,7 +352,8 @@ def slow(*args, **kwargs):
     for i, item in enumerate(make(*args, **kwargs)):
         if i == 3:
             print("writing", flush=True)
-            time.sleep(60)
+            for _ in range(600):  # work, not one long sleep: see the test
+                time.sleep(0.1)
         yield item
 upcycle._moe_tensors = slow
 from drop_upcycling.cli import main
@@ -365,6 +366,8 @@ def test_a_stopped_upcycle_leaves_nothing_for_long(sig: signal.Signals, tiny_den
     out = tmp_path / "out"
     # A runner that starts the suite in the background (`cmd &` without job control) passes SIGINT on
     # ignored, and Python then installs no KeyboardInterrupt handler: give the child the default back.
+    # The kernel may deliver the signal to any thread (the writer's); the main thread then runs the
+    # handler at its next bytecode, so the stand-in for work must not be one uninterrupted 60 s sleep.
     proc = subprocess.Popen([sys.executable, "-c", _SLOW_UPCYCLE, *_held_upcycle(tiny_dense_dir, out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

@@ -42,6 +42,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import struct
 import threading
 from collections.abc import Iterator
@@ -292,7 +293,11 @@ class PlannedWriter:
         self.total_bytes += nbytes
 
     def _write_all(self) -> None:
-        """The writer thread: each shard's header when its first tensor comes, then the tensors' bytes."""
+        """The writer thread: each shard's header when its first tensor comes, then the tensors' bytes.
+
+        It blocks SIGINT and SIGTERM so that the kernel hands them to the caller's thread, whose
+        handler then interrupts at once even where it waits for room in the queue."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         handle, current = None, None
         try:
             while True:

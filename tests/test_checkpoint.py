@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import struct
 import threading
 from pathlib import Path
@@ -84,6 +85,37 @@ def test_planned_writer_leaving_on_an_error_stops_its_thread(tmp_path) -> None:
         writer.add("t0", tensors["t0"])
         raise KeyboardInterrupt
     assert not writer._thread.is_alive()
+
+
+def _blocked_signals(tid: int) -> set[int]:
+    """The signals a thread blocks, from Linux's /proc (SigBlk is a hex mask, bit n-1 for signal n)."""
+    status = Path(f"/proc/self/task/{tid}/status").read_text()
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigBlk:")), 16)
+    return {n for n in range(1, 65) if mask >> (n - 1) & 1}
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads Linux's /proc")
+def test_planned_writer_thread_leaves_sigint_and_sigterm_to_the_caller(tmp_path, monkeypatch) -> None:
+    """The kernel hands a process's signal to any thread that does not block it; the writer blocks
+    SIGINT and SIGTERM so that they reach the main thread, whose handler interrupts a wait for room."""
+    real_open_shard, entered, gate = PlannedWriter._open_shard, threading.Event(), threading.Event()
+
+    def held(self, i):
+        entered.set()
+        gate.wait(10)
+        return real_open_shard(self, i)
+
+    monkeypatch.setattr(PlannedWriter, "_open_shard", held)
+    writer = PlannedWriter(tmp_path, [("t0", (4,))], torch.float32)
+    writer.add("t0", torch.zeros(4))
+    assert entered.wait(10)  # the thread is inside _write_all, held at its first shard
+    try:
+        blocked = _blocked_signals(writer._thread.native_id)
+    finally:
+        gate.set()
+        writer.close()
+    assert {signal.SIGINT, signal.SIGTERM} <= blocked
+    assert not {signal.SIGINT, signal.SIGTERM} & _blocked_signals(threading.main_thread().native_id)
 
 
 def test_planned_writer_holds_at_most_queue_bytes_after_add(tmp_path, monkeypatch) -> None:

@@ -297,7 +297,8 @@ class PlannedWriter:
 
         It blocks SIGINT and SIGTERM so that the kernel hands them to the caller's thread, whose
         handler then interrupts at once even where it waits for room in the queue."""
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        if hasattr(signal, "pthread_sigmask"):  # POSIX
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         handle, current = None, None
         try:
             while True:

@@ -424,7 +424,7 @@ def load_balancing_loss(
     if not logits_per_layer:
         raise ValueError("no router logits")
     if routed is None:
-        routed = [_probs_and_ids(logits_TE, top_k) for logits_TE in logits_per_layer]
+        routed = [(r.probs_TE, r.ids_TK) for r in (route(lg, top_k, lg.dtype) for lg in logits_per_layer)]
     fractions, probs = [], []
     for probs_TE, ids_TK in routed:
         # one_hot's range checks read the ids back to the host (on CPU; a sync where a build checks them).
@@ -444,12 +444,6 @@ def load_balancing_loss(
     if mode == "per_layer":
         return torch.stack([num_experts * (f * p).sum() for f, p in zip(f_LKE, probs, strict=True)]).mean()
     raise ValueError(f"unknown aux loss mode {mode!r}")
-
-
-def _probs_and_ids(logits_TE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """What :func:`route` computes for the balance loss: the fp32 softmax and the top-k expert ids."""
-    probs_TE = F.softmax(logits_TE, dim=-1, dtype=torch.float32)
-    return probs_TE, torch.topk(probs_TE, top_k, dim=-1)[1]
 
 
 def router_z_loss(logits_per_layer: list[torch.Tensor]) -> torch.Tensor:

@@ -18,9 +18,9 @@ width 64, FFN 256, 8 experts top-2, vocab 512, 4,096 tokens per step; ``full``: 
 tokens. Layouts: ``study`` runs two independent runs at once, one process and one thread each (how the
 study trains: a run per core); ``full`` one run with EP=2 over 2 gloo processes, one thread each. Every
 round runs, in all processes at once, one step and one *GEMM chain*: each matmul of the step at its shape
-in this process (attention projections, attention scores and values, routers, each local expert's three
-projections at balanced routing, the LM head), forward and both backward products, into preallocated
-outputs, with no other work. The chain's FLOPs are the step's
+and operand layout in this process (attention projections, attention scores and values, routers, each
+local expert's three projections at balanced routing, the LM head), forward and both backward products,
+into preallocated outputs, with no other work. The chain's FLOPs are the step's
 (:func:`drop_upcycling.flops.training_flops_per_token`, every query charged for all keys), so its time
 is the step's at the GEMM rate these shapes reach on this machine now; the step's *share* of that
 rate is chain time / step time, per round. A round's time is the slowest process's. Reported: tokens/s
@@ -183,8 +183,14 @@ class RandomTokens:
         return torch.randint(0, self.vocab_size, (batch_size, self.seq_len), generator=self.gen)
 
 
-def step_matmuls(cfg: ModelConfig, run: TrainConfig, ep_size: int) -> list[tuple[int, int, int, int]]:
-    """(batch, m, k, n) of every matmul of one rank's micro-batch forward: what the GEMM chain runs.
+Matmul = tuple[int, int, int, int, bool]  # (batch, m, k, n, weight stored as (n, k))
+
+
+def step_matmuls(cfg: ModelConfig, run: TrainConfig, ep_size: int) -> list[Matmul]:
+    """(batch, m, k, n, transposed) of every matmul of one rank's micro-batch forward: what the GEMM
+    chain runs. ``transposed``: the step's right operand is stored (n, k) and read transposed, as
+    ``nn.Linear`` weights, the experts' (HF layout) and the keys of ``Q K^T`` are; the values of
+    ``P V`` are stored as used. Each layout selects a different MKL kernel, 2-4% apart at these shapes.
 
     Under expert parallelism each of the ``E / ep`` local experts receives ``T * K * ep / E`` rows at
     balanced routing (the copies of all ranks' tokens routed to it); the rank's expert rows total T*K.
@@ -192,38 +198,47 @@ def step_matmuls(cfg: ModelConfig, run: TrainConfig, ep_size: int) -> list[tuple
     t, s = run.micro_batch_size * run.seq_len, run.seq_len
     d, f, v, h, hd = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_attention_heads, cfg.head_dim
     q_dim, kv_dim = h * hd, cfg.num_key_value_heads * hd
-    layer = [(1, t, d, q_dim), (1, t, d, kv_dim), (1, t, d, kv_dim), (1, t, q_dim, d),
-             (run.micro_batch_size * h, s, hd, s), (run.micro_batch_size * h, s, s, hd)]
+    heads = run.micro_batch_size * h
+    layer = [(1, t, d, q_dim, True), (1, t, d, kv_dim, True), (1, t, d, kv_dim, True), (1, t, q_dim, d, True),
+             (heads, s, hd, s, True), (heads, s, s, hd, False)]
     if cfg.is_moe:
         local, rows = cfg.num_experts // ep_size, t * cfg.num_experts_per_tok * ep_size // cfg.num_experts
-        layer += [(1, t, d, cfg.num_experts)] + [(1, rows, d, f), (1, rows, d, f), (1, rows, f, d)] * local
+        layer += [(1, t, d, cfg.num_experts, True)] + [(1, rows, d, f, True), (1, rows, d, f, True),
+                                                        (1, rows, f, d, True)] * local
     else:
-        layer += [(1, t, d, f), (1, t, d, f), (1, t, f, d)]
-    return layer * cfg.num_hidden_layers + [(1, t, d, v)]
+        layer += [(1, t, d, f, True), (1, t, d, f, True), (1, t, f, d, True)]
+    return layer * cfg.num_hidden_layers + [(1, t, d, v, True)]
 
 
-def gemm_chain(shapes: list[tuple[int, int, int, int]]) -> tuple[Callable[[], None], float]:
-    """(run, FLOPs): Y = X W, dX = dY W^T, dW = X^T dY for each shape, into preallocated outputs.
+def gemm_chain(shapes: list[Matmul]) -> tuple[Callable[[], None], float]:
+    """(run, FLOPs): Y = X W, dX = dY W^T, dW = X^T dY for each shape, into preallocated outputs, with
+    W and dW stored as the step stores them (``transposed``: (n, k), so Y = X W_nk^T, dX = dY W_nk,
+    dW_nk = dY^T X, as ``F.linear`` and its backward call them).
 
     A batch of one runs as ``mm`` on 2-D tensors (what the step's linear layers and experts call):
     MKL's batched path is up to 30% slower at some of these shapes (1024 x 256 x 64), and a slow
     reference would flatter the step's share.
     """
     gen = torch.Generator().manual_seed(0)
-    bufs = []
-    for b, m, k, n in shapes:
-        x, w, dy = (torch.randn(b, *shape, generator=gen) for shape in ((m, k), (k, n), (m, n)))
-        out = (torch.empty(b, m, n), torch.empty(b, m, k), torch.empty(b, k, n))
-        bufs.append(tuple(t[0] for t in (x, w, dy, *out)) if b == 1 else (x, w, dy, *out))
+    products = []
+    for b, m, k, n, transposed in shapes:
+        w_shape = (n, k) if transposed else (k, n)
+        x, w, dy = (torch.randn(b, *shape, generator=gen) for shape in ((m, k), w_shape, (m, n)))
+        y, dx, dw = torch.empty(b, m, n), torch.empty(b, m, k), torch.empty(b, *w_shape)
+        if b == 1:
+            x, w, dy, y, dx, dw = (a[0] for a in (x, w, dy, y, dx, dw))
+        matmul = torch.mm if b == 1 else torch.bmm
+        wt = w.transpose(-2, -1)  # the weight as the forward reads it: (k, n)
+        if transposed:
+            products += [(matmul, x, wt, y), (matmul, dy, w, dx), (matmul, dy.transpose(-2, -1), x, dw)]
+        else:
+            products += [(matmul, x, w, y), (matmul, dy, wt, dx), (matmul, x.transpose(-2, -1), dy, dw)]
 
     def run() -> None:
-        for x, w, dy, y, dx, dw in bufs:
-            matmul = torch.mm if x.dim() == 2 else torch.bmm
-            matmul(x, w, out=y)
-            matmul(dy, w.transpose(-2, -1), out=dx)
-            matmul(x.transpose(-2, -1), dy, out=dw)
+        for matmul, a, b, out in products:
+            matmul(a, b, out=out)
 
-    return run, float(sum(6 * b * m * k * n for b, m, k, n in shapes))
+    return run, float(sum(6 * b * m * k * n for b, m, k, n, _ in shapes))
 
 
 KINDS = ("matmul", "attention kernel", "collectives", "other ops", "no op")  # columns of the profile

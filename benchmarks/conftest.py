@@ -44,7 +44,8 @@ from typing import Any
 import pytest
 
 SCHEMA = 1
-DEFAULT_RESULTS = Path(__file__).resolve().parent / "results.json"
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_RESULTS = REPO / "benchmarks" / "results.json"
 PACKAGES = ("torch", "transformers", "numpy", "safetensors", "drop-upcycling")
 _KEY = pytest.StashKey[dict[str, dict[str, Any]]]()
 _LOAD = pytest.StashKey[float | None]()
@@ -119,9 +120,9 @@ def merge_results(path: Path, run: dict[str, Any], run_id: str, rows: dict[str, 
     return results
 
 
-def _provenance() -> dict[str, Any]:
-    """Commit, machine and versions: what a reader needs to judge a ratio measured elsewhere."""
-    root = Path(__file__).resolve().parents[1]
+def _provenance(root: Path = REPO) -> dict[str, Any]:
+    """Commit, machine and versions: what a reader needs to judge a ratio measured elsewhere (``root``:
+    the checkout measured)."""
 
     def git(*args: str) -> str | None:
         try:
@@ -134,7 +135,10 @@ def _provenance() -> dict[str, Any]:
     for pkg in PACKAGES:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[pkg] = importlib.metadata.version(pkg)
-    status = git("status", "--porcelain", "--untracked-files=no")
+    # Dirty: the measured code differs from the commit. The benchmarks' own outputs (this file's rows
+    # and the README table rendered from them) do not count, or every run after the first would be.
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                 ":(exclude)benchmarks/results.json", ":(exclude)README.md")
     return {"commit": git("rev-parse", "--short", "HEAD"), "dirty": None if status is None else bool(status),
             "machine": _machine(), "versions": versions}
 

@@ -71,3 +71,28 @@ def test_the_readme_block_is_rendered_from_the_results_and_checked(tmp_path: Pat
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="bench:start"):
         report.main(["--results", str(path), "--readme", str(readme)])
+
+
+def test_a_run_is_dirty_when_measured_code_changed_not_when_only_the_benchmarks_outputs_did(tmp_path: Path) -> None:
+    """The results file and the README table are rewritten by every run; a second run on the same
+    commit is still a clean one. Any other tracked change makes it dirty."""
+    import subprocess
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "benchmarks").mkdir()
+    files = {"README.md": "table\n", "benchmarks/results.json": "{}\n", "benchmarks/bench_x.py": "x = 1\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "c")
+    assert results_lib._provenance(tmp_path)["dirty"] is False
+    (tmp_path / "README.md").write_text("new table\n")
+    (tmp_path / "benchmarks/results.json").write_text('{"ratios": {}}\n')
+    (tmp_path / "notes.txt").write_text("untracked\n")
+    assert results_lib._provenance(tmp_path)["dirty"] is False
+    (tmp_path / "benchmarks/bench_x.py").write_text("x = 2\n")
+    assert results_lib._provenance(tmp_path)["dirty"] is True

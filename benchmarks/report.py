@@ -23,14 +23,23 @@ ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
-def _fmt(value: float | None, unit: str) -> str:
+def _fmt(value: float | None, unit: str, extra_digits: int = 0) -> str:
     if value is None:
         return ""
     if unit == "%":
-        return f"{100 * value:.0f}%"
+        return f"{100 * value:.{extra_digits}f}%"
     if unit == "x":
-        return f"{value:.2f}x"
-    return f"{value:.2f} {unit}"
+        return f"{value:.{2 + extra_digits}f}x"
+    return f"{value:.{2 + extra_digits}f} {unit}"
+
+
+def _median(row: dict[str, Any]) -> str:
+    """The row's median, with one more digit where rounding would make it read as its target (a 69.8%
+    shown as "70%" beside "missed")."""
+    shown = _fmt(row["value"], row["unit"])
+    if row.get("target") is not None and row["value"] != row["target"] and shown == _fmt(row["target"], row["unit"]):
+        return _fmt(row["value"], row["unit"], extra_digits=1)
+    return shown
 
 
 def _target(row: dict[str, Any]) -> str:
@@ -64,7 +73,7 @@ def render(results: dict[str, Any]) -> str:
     for row in ratios.values():
         spread = (f"{_fmt(row['min'], row['unit'])} .. {_fmt(row['max'], row['unit'])} ({row['rounds']})"
                   if row["rounds"] > 1 else "one run")
-        lines.append(f"| {row['label']}{mark[row['run']]} | {_fmt(row['value'], row['unit'])} | {_target(row)} "
+        lines.append(f"| {row['label']}{mark[row['run']]} | {_median(row)} | {_target(row)} "
                      f"| {spread} |")
     lines.append("")
     for rid in run_ids:

@@ -190,7 +190,7 @@ def step_matmuls(cfg: ModelConfig, run: TrainConfig, ep_size: int) -> list[Matmu
     """(batch, m, k, n, transposed) of every matmul of one rank's micro-batch forward: what the GEMM
     chain runs. ``transposed``: the step's right operand is stored (n, k) and read transposed, as
     ``nn.Linear`` weights, the experts' (HF layout) and the keys of ``Q K^T`` are; the values of
-    ``P V`` are stored as used. Each layout selects a different MKL kernel, 2-4% apart at these shapes.
+    ``P V`` are stored as used. Each layout selects a different MKL kernel, 1-4% apart at these shapes.
 
     Under expert parallelism each of the ``E / ep`` local experts receives ``T * K * ep / E`` rows at
     balanced routing (the copies of all ranks' tokens routed to it); the rank's expert rows total T*K.

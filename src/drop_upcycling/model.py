@@ -253,13 +253,9 @@ class CausalLMOutput:
     logits: torch.Tensor
     router_logits: list[torch.Tensor] = field(default_factory=list)  # per MoE layer, [T, E]
     expert_ids: list[torch.Tensor] = field(default_factory=list)  # per MoE layer, [T, K] (on request)
-    router_probs: list[torch.Tensor] = field(default_factory=list)  # per MoE layer, [T, E] fp32 softmax
+    # per MoE layer, (fp32 router softmax [T, E], expert ids [T, K]): what causal_lm_loss's balance loss reuses
+    routed: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     losses: Losses | None = None  # when labels were given
-
-    @property
-    def routed(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        """(router softmax, expert ids) per MoE layer for :func:`causal_lm_loss`, when ids were requested."""
-        return list(zip(self.router_probs, self.expert_ids, strict=True)) if self.expert_ids else None
 
     @property
     def loss(self) -> torch.Tensor | None:
@@ -310,7 +306,7 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(input_ids.shape[1], cfg.head_dim, cfg.rope_theta, input_ids.device)
         sin_signed = signed_sin(sin)
-        router_logits, expert_ids, router_probs, all_ids = [], [], [], []
+        router_logits, routed = [], []
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for layer in self.model.layers:
             if recompute:
@@ -319,15 +315,12 @@ class CausalLM(nn.Module):
                 x, routing = layer(x, cos, sin_signed)
             if routing is not None:
                 router_logits.append(routing.logits_TE)
-                router_probs.append(routing.probs_TE)
-                all_ids.append(routing.ids_TK)
-        if return_expert_ids:
-            expert_ids = all_ids
+                routed.append((routing.probs_TE, routing.ids_TK))
+        expert_ids = [ids_TK for _, ids_TK in routed] if return_expert_ids else []
         logits = self.lm_head(self.model.norm(x))
-        routed = list(zip(router_probs, all_ids, strict=True)) or None
-        losses = None if labels is None else causal_lm_loss(logits, labels, router_logits, cfg, routed=routed)
-        return CausalLMOutput(logits=logits, router_logits=router_logits, expert_ids=expert_ids, losses=losses,
-                              router_probs=router_probs)
+        losses = None if labels is None else causal_lm_loss(logits, labels, router_logits, cfg, routed=routed or None)
+        return CausalLMOutput(logits=logits, router_logits=router_logits, expert_ids=expert_ids, routed=routed,
+                              losses=losses)
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:

@@ -89,8 +89,8 @@ class Scale:
     # made with "loop" are not reproduced bit for bit by "fused".
     adamw_impl: str = "fused"
     # torch.compile of the decoder layers and the loss (TrainConfig.compile): equal to eager to fp32
-    # rounding, not bitwise; the study's step at 65% of its GEMM-equivalent rate instead of 53%, 1.2x
-    # the tokens/s (benchmarks/bench_train.py). ``--no-compile`` runs eagerly (as the committed study ran).
+    # rounding, not bitwise; the study's step at 65-67% of its GEMM-equivalent rate instead of 52-54%,
+    # 1.2x the tokens/s (benchmarks/bench_train.py). ``--no-compile`` runs eagerly (as the committed study ran).
     compile: bool = False
     # The domain mix; None = the domains' sizes (every token of the corpus equally often).
     weights: dict[str, float] | None = field(default_factory=lambda: dict.fromkeys(DOMAINS, 0.25))

@@ -386,7 +386,7 @@ class Trainer:
                 losses = causal_lm_loss(out.logits, ids, out.router_logits, cfg,
                                         group=env.world_pg if env.world_size > 1 else None,
                                         aux_loss_scope=run.aux_loss_scope, compiled=run.compile,
-                                        routed=out.routed)
+                                        routed=out.routed or None)
             with record_function("backward"):
                 (losses.loss / self.accum).backward()
                 if self.bf16 is not None:
